@@ -1,0 +1,18 @@
+"""memloss-addon: MemLoss as a drop-in add-on for existing adversarial-training code.
+
+Example:
+    >>> import torch
+    >>> from memloss_addon import MemoryWrapper
+    >>> model = torch.nn.Linear(4, 3)
+    >>> memory = MemoryWrapper(model, num_samples=8, sample_shape=(4,), beta_prime=2.0)
+    >>> x = torch.rand(2, 4)
+    >>> memory(torch.tensor([0, 1]), x, x.clamp(0, 1), model(x), torch.tensor([0, 2])).item()
+    0.0
+"""
+
+from .data import IndexedDataset
+from .loss import memloss_term, memory_kl_rows
+from .memory import MemoryWrapper
+from .version import __version__
+
+__all__ = ["IndexedDataset", "MemoryWrapper", "__version__", "memloss_term", "memory_kl_rows"]

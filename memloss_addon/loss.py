@@ -1,0 +1,120 @@
+"""The MemLoss term as a pure function of logits: no state, no model, no storage.
+
+For a batch of ``B`` samples and ``R`` filled memory slots (row ``r`` belongs to sample ``s(r)`` and
+its sample has ``K_s`` filled slots)::
+
+    term = beta' * (1/B) * sum_r  w_r * KL( p(clean_s(r)) || p(memory_r) ) / K_s(r)
+    w_r  = 1 - p_y(memory_r)       ("difficulty" weighting), or 1 ("none")
+
+Both distributions come from ``log_softmax`` of logits upcast to at least fp32, with autocast
+disabled, so the term is finite for large logits and under mixed precision. Gradient flows through
+both the clean and the memory logits, as in the KL term of TRADES; the weight is detached unless
+asked otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Weighting", "memory_kl_rows", "memloss_term"]
+
+Weighting = Literal["difficulty", "none"]
+
+
+def memory_kl_rows(
+    clean_logits: torch.Tensor,
+    memory_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    weighting: Weighting = "difficulty",
+    detach_weight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL(p(clean) || p(memory)) and the row weights, in fp32 (fp64 for fp64 logits).
+
+    Args:
+        clean_logits: ``(R, C)`` clean logits, one row per memory row (already repeated per slot).
+        memory_logits: ``(R, C)`` logits of the model on the memory examples.
+        targets: ``(R,)`` integer labels.
+        weighting: ``"difficulty"`` for ``1 - p_y(memory)`` or ``"none"`` for 1.
+        detach_weight: stop the gradient through the weight (default ``True``).
+
+    Returns:
+        ``(kl, weight)``: two fp32 tensors of shape ``(R,)``.
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0]])
+        >>> kl, w = memory_kl_rows(z, z, torch.tensor([0]))
+        >>> float(kl), round(float(w), 4)
+        (0.0, 0.1192)
+    """
+    if weighting not in ("difficulty", "none"):
+        raise ValueError(f"weighting must be 'difficulty' or 'none', got {weighting!r}")
+    # Autocast would run log_softmax in bf16 on CPU; the term is computed in fp32 or wider.
+    with torch.autocast(device_type=clean_logits.device.type, enabled=False):
+        log_p_clean = F.log_softmax(_at_least_fp32(clean_logits), dim=1)
+        log_p_memory = F.log_softmax(_at_least_fp32(memory_logits), dim=1)
+        kl = F.kl_div(log_p_memory, log_p_clean, reduction="none", log_target=True).sum(dim=1)
+        if weighting == "difficulty":
+            p_true = log_p_memory.gather(1, targets.long().view(-1, 1)).squeeze(1).exp()
+            weight = 1.0 - p_true
+            if detach_weight:
+                weight = weight.detach()
+        else:
+            weight = torch.ones_like(kl).detach()
+    return kl, weight
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def memloss_term(
+    clean_logits: torch.Tensor,
+    memory_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    sample_of_row: torch.Tensor,
+    slots_of_sample: torch.Tensor,
+    beta_prime: float,
+    weighting: Weighting = "difficulty",
+    detach_weight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MemLoss term for a batch whose filled memory slots are given row by row.
+
+    Args:
+        clean_logits: ``(B, C)`` clean logits of the whole batch, with their graph.
+        memory_logits: ``(R, C)`` logits on the ``R`` memory examples read for this batch.
+        targets: ``(B,)`` integer labels of the batch.
+        sample_of_row: ``(R,)`` batch position of each memory row.
+        slots_of_sample: ``(B,)`` number of filled slots of each sample (``K_i``).
+        beta_prime: the term's weight ``beta'``.
+        weighting: ``"difficulty"`` or ``"none"``.
+        detach_weight: stop the gradient through the weight.
+
+    Returns:
+        ``(term, weight)``: the 0-dim fp32 term and the ``(R,)`` row weights (detached).
+
+    Example:
+        >>> clean = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> memory = torch.tensor([[0.0, 0.0]])
+        >>> term, _ = memloss_term(
+        ...     clean, memory, torch.tensor([0, 1]), sample_of_row=torch.tensor([0]),
+        ...     slots_of_sample=torch.tensor([1, 0]), beta_prime=2.0)
+        >>> round(float(term), 4)  # 2 * (1/2) * 0.5 * KL([.731, .269] || [.5, .5])
+        0.0555
+    """
+    batch_size = clean_logits.shape[0]
+    rows = sample_of_row.to(clean_logits.device)
+    kl, weight = memory_kl_rows(
+        clean_logits.index_select(0, rows),
+        memory_logits,
+        targets.index_select(0, rows.to(targets.device)).to(clean_logits.device),
+        weighting=weighting,
+        detach_weight=detach_weight,
+    )
+    per_row_share = slots_of_sample.to(kl.device).index_select(0, rows).to(kl.dtype)
+    term = (weight * kl / per_row_share).sum() * (beta_prime / batch_size)
+    return term, weight.detach()

@@ -1,0 +1,78 @@
+"""Context managers that run a model in a chosen mode and leave every flag exactly as found."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["BNMode", "batchnorm_mode", "preserved_training_flags"]
+
+BNMode = Literal["train", "frozen", "eval"]
+
+
+@contextmanager
+def preserved_training_flags(model: nn.Module) -> Iterator[None]:
+    """Restores the ``training`` flag of the model and of every submodule on exit.
+
+    ``model.train()`` would set every submodule to train mode and undo a user's per-module freeze;
+    this restores each flag one by one.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> _ = net[1].eval()
+        >>> with preserved_training_flags(net):
+        ...     _ = net.train()
+        >>> [m.training for m in net.modules()]
+        [True, True, False]
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def batchnorm_mode(model: nn.Module, mode: BNMode) -> Iterator[None]:
+    """Runs ``model`` with a normalization policy for one extra forward pass.
+
+    Args:
+        model: the model.
+        mode: ``"train"`` leaves the model as it is (in a training step: batch statistics, running
+            statistics updated, as in the clean and adversarial passes); ``"frozen"`` makes the
+            normalization layers that are in train mode use batch statistics without updating their
+            running statistics; ``"eval"`` puts the whole model in eval mode.
+
+    Every module's ``training`` flag and ``track_running_stats`` attribute is restored on exit.
+
+    Example:
+        >>> import torch
+        >>> net = nn.BatchNorm1d(2)
+        >>> with batchnorm_mode(net, "frozen"):
+        ...     _ = net(torch.randn(4, 2))
+        >>> net.running_mean.tolist(), int(net.num_batches_tracked), net.track_running_stats
+        ([0.0, 0.0], 0, True)
+    """
+    if mode not in ("train", "frozen", "eval"):
+        raise ValueError(f"bn_mode must be 'train', 'frozen' or 'eval', got {mode!r}")
+    touched: list[tuple[_NormBase, bool]] = []
+    with preserved_training_flags(model):
+        try:
+            if mode == "eval":
+                model.eval()
+            elif mode == "frozen":
+                for module in model.modules():
+                    if isinstance(module, _NormBase) and module.training:
+                        # In train mode with track_running_stats off, normalization uses the batch's
+                        # statistics and leaves running_mean, running_var and the counter alone.
+                        touched.append((module, module.track_running_stats))
+                        module.track_running_stats = False
+            yield
+        finally:
+            for module, tracked in touched:
+                module.track_running_stats = tracked

@@ -1,0 +1,19 @@
+"""Where the memory lives and how it is encoded: codecs, placements and the slot ring."""
+
+from .codecs import Codec, make_codec
+from .memory_store import FORMAT_VERSION, MemoryRead, MemoryStore, dtype_name, estimate_nbytes
+from .placement import TensorStore, resolve_device
+from .slots import SlotRing
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Codec",
+    "MemoryRead",
+    "MemoryStore",
+    "SlotRing",
+    "TensorStore",
+    "dtype_name",
+    "estimate_nbytes",
+    "make_codec",
+    "resolve_device",
+]
