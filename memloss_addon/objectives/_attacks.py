@@ -1,0 +1,124 @@
+"""The L-inf sign-gradient attack loops the base objectives share.
+
+They take the model in whatever mode the caller has set (the objectives choose it) and take
+gradients with ``torch.autograd.grad`` with respect to the input only, so no ``.grad`` is left on
+the model's parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ._common import kl_rows, log_probs, project_linf
+
+__all__ = ["ce_attack", "kl_attack", "sign_ascent"]
+
+
+def sign_ascent(
+    model: nn.Module,
+    x: torch.Tensor,
+    start: torch.Tensor,
+    attack_loss: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """``steps`` times ``x' <- proj(x' + step_size * sign(grad attack_loss(model(x'))))``.
+
+    Args:
+        model: the network; its modes are the caller's business.
+        x: clean inputs (the centre of the eps-ball).
+        start: the first point, which need not lie in the ball (it is projected after a step).
+        attack_loss: maps the logits on ``x'`` to a 0-dim loss to ascend.
+        eps: L-inf radius.
+        step_size: step length.
+        steps: number of steps (>= 1).
+
+    Returns:
+        The detached adversarial examples.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x = torch.full((1, 2), 0.5)
+        >>> adv = sign_ascent(net, x, x, lambda z: z[:, 0].sum(), eps=0.1, step_size=0.3, steps=1)
+        >>> bool(((adv - x).abs() <= 0.1 + 1e-7).all())
+        True
+    """
+    x = x.detach()
+    x_adv = start.detach()
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(attack_loss(model(x_adv)), (x_adv,))
+            x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def ce_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """PGD ascending the cross-entropy from ``start``.
+
+    The cross-entropy is summed over the batch: the sign ignores the scale, and a sum does not
+    shrink small gradients towards underflow as a mean would in half precision.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> x, y = torch.full((1, 2), 0.5), torch.tensor([0])
+        >>> ce_attack(net, x, y, x, eps=0.1, step_size=0.1, steps=2).shape
+        torch.Size([1, 2])
+    """
+    labels = y.long().view(-1, 1)
+    return sign_ascent(
+        model,
+        x,
+        start,
+        lambda z: -log_probs(z).gather(1, labels).sum(),
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+    )
+
+
+def kl_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """The TRADES attack: PGD ascending ``sum_i KL(p(x_i) || p(x'_i))`` from ``x + 0.001 N(0, I)``.
+
+    ``p(x)`` is computed once, without graph, in the model's current mode. Draws one
+    ``torch.randn_like(x)`` from the global RNG of ``x``'s device.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> kl_attack(net, torch.full((1, 2), 0.5), eps=0.1, step_size=0.05, steps=2).shape
+        torch.Size([1, 2])
+    """
+    x = x.detach()
+    start = x + 0.001 * torch.randn_like(x)
+    with torch.no_grad():
+        clean_log_p = log_probs(model(x))
+    return sign_ascent(
+        model,
+        x,
+        start,
+        lambda z: kl_rows(clean_log_p, log_probs(z)).sum(),
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+    )
