@@ -69,3 +69,21 @@ def test_active_memory_changes_training():
     with_memory = train(epochs=2, memory_options={"beta_prime": 2.0})
     assert baseline[0][:5] == with_memory[0][:5]  # epoch 1: identical
     assert baseline[0][5:] != with_memory[0][5:]  # epoch 2: the term is active
+
+
+def test_beta_prime_zero_with_a_filled_memory_runs_nothing_and_draws_nothing():
+    model = small_net()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    memory = MemoryWrapper(model, num_samples=8, sample_shape=(6,), beta_prime=2.0)
+    x, y, idx = torch.rand(8, 6), torch.randint(0, 3, (8,)), torch.arange(8)
+    memory(idx, x, x, torch.zeros(8, 3), y)
+    memory.beta_prime = 0.0
+    bn_state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    rng = torch.get_rng_state()
+    term = memory(idx, x, (x + 0.1).clamp(0, 1), torch.zeros(8, 3), y)
+    assert float(term) == 0.0 and calls == []
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, bn_state[key])
+    assert torch.equal(memory.state_dict()["slots"][:, 0], (x + 0.1).clamp(0, 1))  # still stored

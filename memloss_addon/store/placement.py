@@ -129,7 +129,7 @@ class TensorStore:
     def read(self, rows: torch.Tensor, target: torch.device) -> torch.Tensor:
         """Gathers ``rows`` (int64 CPU indices) and returns them, still encoded, on ``target``."""
         if self.device.type == "cuda":
-            gathered = self.data.index_select(0, rows.to(self.device, non_blocking=True))
+            gathered = self.data.index_select(0, rows.to(self.device))
             return gathered.to(target)
         if target.type == "cuda" and self._staging is not None:
             slot, staging = self._staging.take(rows.shape[0])
