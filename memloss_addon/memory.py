@@ -7,6 +7,7 @@ the MemLoss term against the clean logits, then store this step's adversarial ex
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +17,11 @@ from torch import nn
 
 from .loss import Weighting, memloss_term
 from .model_state import BNMode, batchnorm_mode
-from .store import FORMAT_VERSION, MemoryStore, dtype_name, estimate_nbytes
+from .persistence import PathLike, load_memory, save_memory
+from .store import FORMAT_VERSION, dtype_name, estimate_nbytes, resolve_device
 from .store.codecs import Mode
+from .store.distributed import Distribution
+from .store.factory import make_store
 from .validation import check_batch, check_indices
 
 __all__ = ["MemoryWrapper"]
@@ -59,6 +63,16 @@ class MemoryWrapper:
         detach_weight: stop the gradient through the ``1 - p_y`` weight (default ``True``).
         logits_fn: maps the model's output to logits, for models that return tuples or dicts.
         pin_memory: pin a CPU memory; ``None`` (default) pins it when CUDA is available.
+        distributed: ``None`` (default: this process only), ``"sharded"`` (each rank of
+            ``torch.distributed`` holds about ``num_samples / world_size`` samples and rows are
+            exchanged with their owners every call) or ``"replicated"`` (every rank holds all
+            samples; each call's new rows go to every rank). Each rank's term, over its own
+            batch as its loss is, equals that of one process that has stored every rank's
+            earlier batches; see :mod:`memloss_addon.store.distributed`.
+        process_group: the ``torch.distributed`` group of a distributed memory (default: all).
+        storage_path: keep the memory in this folder on disk instead of RAM, so it may exceed
+            RAM; an existing folder of the same configuration is reopened, bookkeeping included.
+            See :mod:`memloss_addon.store.disk`.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value (the message names it).
@@ -96,6 +110,9 @@ class MemoryWrapper:
         detach_weight: bool = True,
         logits_fn: Callable[[Any], torch.Tensor] | None = None,
         pin_memory: bool | None = None,
+        distributed: Distribution | None = None,
+        process_group: Any = None,
+        storage_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
@@ -116,7 +133,9 @@ class MemoryWrapper:
         self.bn_mode: BNMode = bn_mode
         self.detach_weight = detach_weight
         self.logits_fn = logits_fn
-        self.store = MemoryStore(
+        self.store = make_store(
+            distributed=distributed,
+            process_group=process_group,
             num_samples=num_samples,
             sample_shape=sample_shape,
             depth=depth,
@@ -125,6 +144,7 @@ class MemoryWrapper:
             eps=eps,
             device=device,
             pin_memory=pin_memory,
+            storage_path=storage_path,
         )
         self._reset_counters()
 
@@ -181,6 +201,11 @@ class MemoryWrapper:
         """Bytes the memory holds: slots, bookkeeping and any pinned staging buffers."""
         return self.store.nbytes
 
+    @property
+    def local_rows(self) -> int:
+        """Samples whose slots this process holds: ``num_samples`` unless sharded across ranks."""
+        return self.store.local_rows
+
     @staticmethod
     def estimate_nbytes(
         num_samples: int,
@@ -228,10 +253,14 @@ class MemoryWrapper:
         Raises:
             TypeError, ValueError, IndexError: bad arguments; the memory is left unchanged.
         """
-        check_batch(
-            clean=clean, adv=adv, logits=logits, targets=targets, sample_shape=self.sample_shape
-        )
-        index = check_indices(indices, batch_size=clean.shape[0], num_samples=self.num_samples)
+        try:
+            check_batch(
+                clean=clean, adv=adv, logits=logits, targets=targets, sample_shape=self.sample_shape
+            )
+            index = check_indices(indices, batch_size=clean.shape[0], num_samples=self.num_samples)
+        except (TypeError, ValueError, IndexError):
+            self.store.abort()  # a distributed store tells the other ranks, which raise too
+            raise
         term = self._term(index, clean, logits, targets)
         with torch.no_grad():
             rejected = self.store.write(index, adv, clean)
@@ -246,11 +275,11 @@ class MemoryWrapper:
         targets: torch.Tensor,
     ) -> torch.Tensor:
         self._calls += 1
-        if self._beta_prime == 0.0 or index.numel() == 0:
+        if self._beta_prime == 0.0:
             return self._zero(logits)
         with torch.no_grad():
             read = self.store.read(index, clean)
-        if read.num_rows == 0:
+        if not read.needs_forward:
             return self._zero(logits)
         with batchnorm_mode(self._model, self.bn_mode):
             output = self._model(read.examples)
@@ -344,7 +373,36 @@ class MemoryWrapper:
             "mean_weight": weight_sum / self._rows_read if self._rows_read else float("nan"),
             "last_term": float(self._last_term) if self._last_term is not None else float("nan"),
             "nbytes": self.nbytes,
+            **self.store.stats(),
         }
+
+    def prefetch(self, next_indices: object, *, device: str | torch.device | None = None) -> None:
+        """Starts reading the memory of the next batch, so the copy overlaps this step's attack.
+
+        A call uses the prefetched rows only if its indices are exactly ``next_indices`` (other
+        calls ignore them, so a prefetch may also be issued before the current step's call), and
+        a write to any of those samples before that call discards them: a call never sees stale
+        rows. On CUDA the copy runs on a side stream through a pinned buffer; on the CPU the rows
+        are gathered at once (a disk-backed memory reads its pages ahead). A sharded memory
+        ignores prefetches: its read starts with a collective.
+
+        Args:
+            next_indices: the dataset indices of the next batch.
+            device: the next batch's device (default: the last batch's).
+
+        Raises:
+            TypeError, ValueError, IndexError: bad indices or device (nothing is started).
+
+        Example:
+            >>> memory = MemoryWrapper(nn.Linear(2, 2), num_samples=4, sample_shape=(2,))
+            >>> memory.prefetch([1, 3], device="cpu")
+        """
+        try:
+            length = len(next_indices)  # type: ignore[arg-type]
+        except TypeError:  # not a sequence: check_indices names the problem
+            length = -1
+        index = check_indices(next_indices, batch_size=length, num_samples=self.num_samples)
+        self.store.prefetch(index, None if device is None else resolve_device(device))
 
     # ------------------------------------------------------------------ state
 
@@ -431,6 +489,30 @@ class MemoryWrapper:
     def __repr__(self) -> str:
         config = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({config}, device={str(self.device)!r})"
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: PathLike) -> None:
+        """Writes the memory to one file, atomically and without a second copy in RAM.
+
+        A crash at any moment leaves either the previous file or the new one. The file holds a
+        JSON header (configuration, counters, format version) and the raw slots with a CRC-32;
+        see :mod:`memloss_addon.persistence` for the layout. The model is not saved.
+        """
+        save_memory(self, path)
+
+    def load(self, path: PathLike, *, strict: bool = True) -> None:
+        """Loads a file written by :meth:`save`, after checking all of it; never unpickles.
+
+        Args:
+            path: the file.
+            strict: also require the loss settings to match (as in :meth:`load_state_dict`).
+
+        Raises:
+            MemoryFileError: (a ``ValueError``) another format, a damaged or truncated file, or
+                another configuration. The memory is left unchanged.
+        """
+        load_memory(self, path, strict=strict)
 
 
 def _check_counters(counters: object) -> dict[str, Any]:

@@ -8,13 +8,15 @@ dtypes and devices is here; the caller sees examples in, examples out.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .codecs import Mode, make_codec
-from .placement import TensorStore
+from .disk import open_disk_memory
+from .placement import PendingRead, TensorStore
 from .slots import ReadPlan, SlotRing
 
 __all__ = ["MemoryRead", "MemoryStore", "estimate_nbytes", "FORMAT_VERSION"]
@@ -61,10 +63,28 @@ class MemoryRead:
     examples: torch.Tensor
     sample_of_row: torch.Tensor
     slots_of_sample: torch.Tensor
+    # Whether the memory forward pass must run. ``None``: when this batch has rows. A distributed
+    # store sets it when any rank has rows, so that every rank runs the model the same number of
+    # times (DDP's buffer broadcasts in a forward pass are collectives too).
+    run_forward: bool | None = None
 
     @property
     def num_rows(self) -> int:
         return int(self.sample_of_row.shape[0])
+
+    @property
+    def needs_forward(self) -> bool:
+        return self.num_rows > 0 if self.run_forward is None else self.run_forward
+
+
+@dataclass(frozen=True)
+class _Prefetch:
+    """A read started ahead of time for exactly these indices."""
+
+    indices: torch.Tensor
+    plan: ReadPlan
+    device: torch.device
+    rows: PendingRead | None
 
 
 class MemoryStore:
@@ -79,7 +99,11 @@ class MemoryStore:
         dtype: storage dtype (float32, float16, bfloat16, uint8, int8).
         eps: the L-inf radius; needed by int8, used by uint8 to re-project on read.
         device: ``"cpu"`` or a CUDA device.
-        pin_memory: pin a CPU store (``None``: when CUDA is available).
+        pin_memory: pin a CPU store (``None``: when CUDA is available). For a disk-backed store:
+            keep pinned staging buffers for reads to CUDA.
+        storage_path: a folder to keep the memory in (see :mod:`memloss_addon.store.disk`)
+            instead of RAM; reopening the folder continues where it left off. Needs
+            ``device="cpu"`` (rows are still returned on the batch's device).
 
     Example:
         >>> store = MemoryStore(num_samples=4, sample_shape=(2,))
@@ -101,6 +125,7 @@ class MemoryStore:
         eps: float | None = None,
         device: str | torch.device = "cpu",
         pin_memory: bool | None = None,
+        storage_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.codec = make_codec(mode=mode, dtype=dtype, eps=eps)
         self.num_samples = num_samples
@@ -109,14 +134,48 @@ class MemoryStore:
         self.mode = mode
         self.dtype = dtype
         self.eps = None if eps is None else float(eps)
-        self.ring = SlotRing(num_samples=num_samples, depth=depth)
-        self.rows = TensorStore(
-            num_samples * depth,
-            self.sample_shape,
+        if storage_path is not None and not isinstance(storage_path, (str, os.PathLike)):
+            raise TypeError(f"storage_path must be a path or None, got {storage_path!r}")
+        self.storage_path = None if storage_path is None else os.fspath(storage_path)
+        self._prefetched: _Prefetch | None = None
+        self._last_device: torch.device | None = None
+        if storage_path is None:
+            self.ring = SlotRing(num_samples=num_samples, depth=depth)
+            self.rows = TensorStore(
+                self.local_rows * depth,
+                self.sample_shape,
+                dtype=dtype,
+                device=device,
+                pin_memory=pin_memory,
+            )
+            return
+        if torch.device(device).type != "cpu":
+            raise ValueError(
+                f"a disk-backed memory (storage_path) needs device='cpu', got {device!r}; its rows "
+                "are still returned on the batch's device"
+            )
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA, which is not available")
+        folder, layout = self._disk_layout(os.fspath(storage_path))
+        self.rows, self.ring = open_disk_memory(
+            folder,
+            layout=layout,
+            num_samples=num_samples,
+            depth=depth,
+            row_shape=self.sample_shape,
             dtype=dtype,
-            device=device,
-            pin_memory=pin_memory,
+            staging=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            num_rows=self.local_rows * depth,
         )
+
+    @property
+    def local_rows(self) -> int:
+        """Samples whose slots this process holds (all of them, unless sharded across ranks)."""
+        return self.num_samples
+
+    def _disk_layout(self, folder: str) -> tuple[str, dict[str, Any]]:
+        """The folder the files go in and the configuration recorded with them."""
+        return folder, self.config()
 
     @property
     def device(self) -> torch.device:
@@ -133,12 +192,29 @@ class MemoryStore:
             indices: validated 1-D int64 CPU dataset indices of the batch.
             clean: the batch's clean inputs (perturbation and eps-projection replay on them).
         """
-        plan: ReadPlan = self.ring.plan_read(indices)
+        self._last_device = clean.device
+        prefetched = self._prefetched
+        if (
+            prefetched is not None
+            and prefetched.device == clean.device
+            and torch.equal(prefetched.indices, indices)
+        ):
+            self._prefetched = None
+            plan = prefetched.plan
+        else:  # a prefetch for other indices stays for a later call (writes invalidate it)
+            prefetched = None
+            plan = self.ring.plan_read(indices)
         if plan.store_rows.numel() == 0:
             empty = clean.new_empty((0, *self.sample_shape))
             return MemoryRead(empty, plan.sample_of_row, plan.slots_of_sample)
-        stored = self.rows.read(plan.store_rows, clean.device)
-        clean_rows = clean.detach().index_select(0, plan.sample_of_row.to(clean.device))
+        if prefetched is not None and prefetched.rows is not None:
+            stored = prefetched.rows.wait()
+        else:
+            stored = self.rows.read(plan.store_rows, clean.device)
+        if bool((plan.slots_of_sample.numpy() == 1).all()):
+            clean_rows = clean.detach()  # one row per sample, in batch order: no copy needed
+        else:
+            clean_rows = clean.detach().index_select(0, plan.sample_of_row.to(clean.device))
         examples = self.codec.decode(stored, clean_rows)
         return MemoryRead(examples, plan.sample_of_row, plan.slots_of_sample)
 
@@ -151,6 +227,7 @@ class MemoryStore:
         encoded, accepted = self.codec.encode(adv, clean)
         accepted = accepted.cpu()
         plan = self.ring.plan_write(indices, accepted)
+        self._invalidate_prefetch(plan.samples)
         if plan.samples.numel():
             winners = encoded
             every_row_in_order = plan.batch_positions.numel() == encoded.shape[0] and torch.equal(
@@ -161,6 +238,45 @@ class MemoryStore:
             self.rows.write(plan.store_rows, winners)
             self.ring.commit(plan)
         return int(accepted.numel() - accepted.sum())
+
+    def prefetch(self, indices: torch.Tensor, device: torch.device | None = None) -> None:
+        """Starts reading the slots of ``indices`` for the next :meth:`read`.
+
+        A read uses the prefetched rows only if it asks for exactly these indices on this device
+        (other reads ignore them, and a new prefetch replaces them); a write to any of these
+        samples before that read discards them, so a read never returns stale rows.
+
+        Args:
+            indices: validated 1-D int64 CPU dataset indices of the next batch.
+            device: the device of the next batch (default: the last batch's device; before the
+                first read nothing is prefetched).
+        """
+        target = self._last_device if device is None else device
+        if target is None:
+            return
+        if target.type == "cuda" and target.index is None:  # compare like a batch's device
+            target = torch.device("cuda", torch.cuda.current_device())
+        plan = self.ring.plan_read(indices)
+        rows = self.rows.start_read(plan.store_rows, target) if plan.store_rows.numel() else None
+        self._prefetched = _Prefetch(indices=indices.clone(), plan=plan, device=target, rows=rows)
+
+    def _invalidate_prefetch(self, written_samples: torch.Tensor) -> None:
+        pending = self._prefetched
+        if pending is not None and bool(torch.isin(pending.indices, written_samples).any()):
+            self._prefetched = None
+
+    def abort(self) -> None:
+        """Called when a memory call fails its argument checks (distributed stores tell peers)."""
+
+    def stats(self) -> dict[str, float | int]:
+        """Store-specific counters added to the memory's stats (none for a local store)."""
+        return {}
+
+    def flush(self) -> None:
+        """Forces a disk-backed memory to the disk; nothing to do for a memory in RAM."""
+        flush = getattr(self.rows, "flush", None)
+        if flush is not None:
+            flush()
 
     def filled_fraction(self) -> float:
         return self.ring.filled_fraction()
@@ -190,6 +306,13 @@ class MemoryStore:
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raises ValueError/TypeError if ``state`` cannot be loaded; changes nothing."""
+        shard = state.get("shard")
+        if isinstance(shard, dict):
+            raise ValueError(
+                f"memory state is the shard of rank {shard.get('rank')!r} of a memory sharded over "
+                f"{shard.get('world_size')!r} ranks; combine every rank's state with "
+                "memloss_addon.store.distributed.merge_shard_states() first"
+            )
         expected = {
             "slots": ((self.num_samples, self.depth, *self.sample_shape), self.dtype),
             "slot_count": ((self.num_samples,), torch.int32),
@@ -214,12 +337,17 @@ class MemoryStore:
         if heads.numel() and (int(heads.min()) < 0 or int(heads.max()) >= self.depth):
             raise ValueError(f"memory state 'ring_head' must lie in [0, {self.depth - 1}]")
         slots = state["slots"]
-        if slots.is_floating_point() and not bool(torch.isfinite(slots).all()):
-            raise ValueError("memory state 'slots' holds NaN or Inf values")
+        if slots.is_floating_point():
+            # amax/amin propagate NaN and need no temporary; isfinite() would allocate a
+            # slot-sized float copy (abs) plus a mask, 1.25x the memory, on every load.
+            limit = torch.finfo(slots.dtype).max
+            if not (float(slots.amax()) <= limit and float(slots.amin()) >= -limit):
+                raise ValueError("memory state 'slots' holds NaN or Inf values")
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Copies a checked state into the store, keeping its device and pinning."""
         self.check_state(state)
+        self._prefetched = None
         self.rows.load_(state["slots"].reshape(self.rows.data.shape))
         self.ring.slot_count.copy_(state["slot_count"])
         self.ring.ring_head.copy_(state["ring_head"])

@@ -12,9 +12,10 @@ device-to-host copy is not valid until the copy has finished.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["TensorStore", "resolve_device"]
+__all__ = ["PendingRead", "TensorStore", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -39,6 +40,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def _row_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The rows of a contiguous CPU tensor as a 2-D uint8 NumPy view of the same memory."""
+    return tensor.view(tensor.shape[0], -1).view(torch.uint8).numpy()
 
 
 class _PinnedStaging:
@@ -72,6 +78,27 @@ class _PinnedStaging:
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers if b is not None)
+
+
+class PendingRead:
+    """Rows being gathered ahead of time; :meth:`wait` returns them, usable on the current stream.
+
+    Example:
+        >>> PendingRead(torch.ones(1, 2)).wait().tolist()
+        [[1.0, 1.0]]
+    """
+
+    def __init__(self, rows: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        self._rows = rows
+        self._done = done
+
+    def wait(self) -> torch.Tensor:
+        if self._done is not None:
+            current = torch.cuda.current_stream(self._rows.device)
+            current.wait_event(self._done)
+            # The rows were allocated on the side stream and are now used on this one.
+            self._rows.record_stream(current)
+        return self._rows
 
 
 class TensorStore:
@@ -116,11 +143,18 @@ class TensorStore:
         )
         self._staging = _PinnedStaging(self.row_shape, dtype) if pin_memory else None
 
+    # Prefetch state, created on the first prefetch to CUDA (class attributes keep subclasses
+    # that build ``data`` their own way working without calling this constructor).
+    _side_streams: dict[torch.device, torch.cuda.Stream] | None = None
+    _prefetch_buffer: torch.Tensor | None = None
+    _prefetch_done: torch.cuda.Event | None = None
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by the rows (staging buffers included)."""
+        """Bytes held by the rows (staging and prefetch buffers included)."""
         staging = self._staging.nbytes if self._staging is not None else 0
-        return self.data.nbytes + staging
+        prefetch = self._prefetch_buffer.nbytes if self._prefetch_buffer is not None else 0
+        return self.data.nbytes + staging + prefetch
 
     @property
     def is_pinned(self) -> bool:
@@ -139,13 +173,58 @@ class TensorStore:
             return moved
         return self.data.index_select(0, rows).to(target)
 
+    def start_read(self, rows: torch.Tensor, target: torch.device) -> PendingRead:
+        """Starts gathering ``rows`` for ``target`` ahead of time; :meth:`PendingRead.wait` ends it.
+
+        On CUDA the copy runs on a side stream, staged through a pinned buffer for a CPU store,
+        and the buffer is only refilled after its previous copy has finished. On the CPU the
+        rows are gathered at once (for a disk-backed store this reads the pages ahead).
+        """
+        if target.type != "cuda":
+            return PendingRead(self.data.index_select(0, rows).to(target))
+        # The side stream belongs to the device that does the work: the store's, else the target's.
+        worker = self.device if self.device.type == "cuda" else target
+        if self._side_streams is None:
+            self._side_streams = {}
+        side = self._side_streams.get(worker)
+        if side is None:
+            side = self._side_streams[worker] = torch.cuda.Stream(device=worker)
+        if self.device.type == "cuda":
+            # Rows written on the current stream before this prefetch are visible to it.
+            side.wait_stream(torch.cuda.current_stream(worker))
+            with torch.cuda.stream(side):
+                gathered = self.data.index_select(0, rows.to(self.device, non_blocking=True))
+                moved = gathered.to(target, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            return PendingRead(moved, done)
+        if self._prefetch_done is not None:
+            self._prefetch_done.synchronize()  # the last copy out of the buffer has finished
+        buffer = self._prefetch_buffer
+        if buffer is None or buffer.shape[0] < rows.shape[0]:
+            buffer = torch.empty(
+                (rows.shape[0], *self.row_shape), dtype=self.dtype, pin_memory=True
+            )
+            self._prefetch_buffer = buffer
+        staging = buffer[: rows.shape[0]]
+        torch.index_select(self.data, 0, rows, out=staging)
+        with torch.cuda.stream(side):
+            moved = staging.to(target, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        self._prefetch_done = done
+        return PendingRead(moved, done)
+
     def write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Writes ``values`` (storage dtype, any device) into unique int64 CPU ``rows``."""
         if self.device.type == "cuda":
             self.data.index_copy_(0, rows.to(self.device), values.to(self.device))
             return
         # A blocking copy: the host must not read the rows before the device has written them.
-        self.data.index_copy_(0, rows, values.to("cpu"))
+        values = values.to("cpu")
+        # NumPy copies each row whole; index_copy_ on the CPU indexes element by element, about
+        # 2x slower for float32 rows and 20x for uint8 rows.
+        _row_bytes(self.data)[rows.numpy()] = _row_bytes(values.contiguous())
 
     def load_(self, data: torch.Tensor) -> None:
         """Copies a full tensor of the same shape and dtype into the store (keeps pinning)."""

@@ -1,0 +1,40 @@
+"""Picks the memory store for a configuration: local, sharded or replicated across ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+from .distributed import Distribution, ReplicatedMemoryStore, ShardedMemoryStore
+from .memory_store import MemoryStore
+
+__all__ = ["make_store"]
+
+
+def make_store(
+    *,
+    distributed: Distribution | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    **options: Any,
+) -> MemoryStore:
+    """Returns the store for ``distributed`` built with the :class:`MemoryStore` ``options``.
+
+    Raises:
+        ValueError: an unknown ``distributed`` value, or a process group without ``distributed``.
+
+    Example:
+        >>> type(make_store(num_samples=4, sample_shape=(2,))).__name__
+        'MemoryStore'
+    """
+    if distributed is None:
+        if process_group is not None:
+            raise ValueError(
+                "process_group is only used with distributed='sharded' or 'replicated'"
+            )
+        return MemoryStore(**options)
+    if distributed == "sharded":
+        return ShardedMemoryStore(process_group=process_group, **options)
+    if distributed == "replicated":
+        return ReplicatedMemoryStore(process_group=process_group, **options)
+    raise ValueError(f"distributed must be None, 'sharded' or 'replicated', got {distributed!r}")
