@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from memloss_addon import MemoryWrapper, memory_kl_rows
+from tests.conftest import requires_cuda
+from tests.helpers import kl_by_hand, log_softmax_by_hand
 
 
 def test_large_logits_give_a_finite_term_matching_float64():
@@ -86,3 +88,96 @@ def test_stats_report_means_over_computed_terms():
     assert stats["mean_term"] == pytest.approx((first.item() + second.item()) / 2, rel=1e-6)
     assert stats["mean_weight"] == 1.0
     assert stats["last_term"] == pytest.approx(second.item(), rel=1e-6)
+
+
+def term_by_hand(clean_logits, memory_logits, targets, *, beta_prime: float) -> float:
+    """One filled slot per sample: beta' * mean_b (1 - q_y) * KL(p || q), in float64 by hand."""
+    total = 0.0
+    for b in range(len(targets)):
+        q_true = torch.exp(log_softmax_by_hand(memory_logits[b].double())[int(targets[b])])
+        kl = kl_by_hand(clean_logits[b].double(), memory_logits[b].double())
+        total += float((1 - q_true) * kl)
+    return beta_prime * total / len(targets)
+
+
+def scaled_model(scale: float) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+        model[2].bias.mul_(scale)
+    return model
+
+
+def autocast_term(model, device: str, dtype: torch.dtype):
+    """Fills a memory, then computes a term under autocast; returns the term, both logits, y."""
+    seen = []
+
+    def record(output):
+        seen.append(output)
+        return output
+
+    memory = MemoryWrapper(model, 8, (8,), logits_fn=record)
+    x = torch.rand(8, 8, device=device)
+    y = torch.randint(0, 5, (8,), device=device)
+    memory(torch.arange(8), x, (x + 0.05).clamp(0, 1), model(x), y)
+    with torch.autocast(device, dtype=dtype):
+        logits = model(x)
+        term = memory(torch.arange(8), x, x, logits, y)
+    return term, logits, seen[-1], y
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e2, 1e4])
+def test_cpu_bf16_autocast_term_is_fp32_arithmetic_on_the_bf16_logits(scale):
+    model = scaled_model(scale)
+    term, logits, memory_logits, y = autocast_term(model, "cpu", torch.bfloat16)
+    assert logits.dtype == memory_logits.dtype == torch.bfloat16
+    assert term.dtype == torch.float32 and bool(torch.isfinite(term))
+    term.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    # All the error of mixed precision is in the bf16 logits themselves: from them on the term
+    # is fp32 arithmetic, within float32 rounding of an fp64 computation on the same logits.
+    expected = term_by_hand(logits, memory_logits, y, beta_prime=2.0)
+    assert term.item() == pytest.approx(expected, rel=1e-5, abs=1e-6 * scale)
+
+
+@requires_cuda
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_cuda_fp16_autocast_term_is_fp32_arithmetic_on_the_fp16_logits(scale):
+    model = scaled_model(scale).to("cuda")
+    term, logits, memory_logits, y = autocast_term(model, "cuda", torch.float16)
+    assert logits.dtype == memory_logits.dtype == torch.float16
+    assert term.dtype == torch.float32 and bool(torch.isfinite(term))
+    term.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    expected = term_by_hand(logits.cpu(), memory_logits.cpu(), y.cpu(), beta_prime=2.0)
+    assert term.item() == pytest.approx(expected, rel=1e-5, abs=1e-6 * scale)
+
+
+@pytest.mark.parametrize("value", [3e4, 6e4, 65504.0])
+def test_fp16_logits_near_the_fp16_limit_give_a_finite_term_and_gradients(value):
+    class HalfLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            # Saturating logits: +-value in half precision (the largest float16 is 65504).
+            return (torch.tanh(self.linear(x) * 10) * value).half()
+
+    half_logits = HalfLogits()
+    linear = half_logits.linear
+    memory = MemoryWrapper(half_logits, 6, (4,))
+    x = torch.rand(6, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    memory(torch.arange(6), x, (1 - x), half_logits(x), y)
+    logits = half_logits(x)
+    assert logits.dtype == torch.float16 and float(logits.abs().max()) > value / 2
+    term = memory(torch.arange(6), x, x, logits, y)
+    assert bool(torch.isfinite(term)) and term.item() > 0
+    term.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in linear.parameters())
+    memory_logits = half_logits(1 - x)
+    expected = term_by_hand(logits, memory_logits, y, beta_prime=2.0)
+    assert term.item() == pytest.approx(expected, rel=1e-5)
