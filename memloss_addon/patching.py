@@ -21,15 +21,14 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from .integrations.specs import PATCHES, Edit, RepoPatch
+from .persistence import atomic_write
 
 __all__ = [
     "STATE_FILE",
@@ -352,18 +351,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".memloss-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        if path.exists():
-            shutil.copymode(path, partial)  # keep an executable script executable
-        else:
-            os.chmod(partial, 0o644)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with atomic_write(path) as stream:  # keeps an executable script executable
+        stream.write(data)
 
 
 # ---------------------------------------------------------------------- command line

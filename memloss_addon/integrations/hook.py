@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..data import IndexedDataset
 from ..memory import MemoryWrapper
+from ..persistence import atomic_write
 
 __all__ = ["HookSettings", "TrainingHook", "keep_cuda_calls_on_cpu"]
 
@@ -287,16 +287,9 @@ class TrainingHook:
             _LOG.info("memloss: no memory to save yet (%s)", path)
             return
         payload = {_CHECKPOINT_KEY: self._memory.state_dict(), "epoch": epoch}
-        directory = os.path.dirname(os.path.abspath(path))
-        handle, partial = tempfile.mkstemp(dir=directory, prefix=".memloss-", suffix=".tmp")
-        os.close(handle)
-        try:
-            os.chmod(partial, 0o644)  # mkstemp makes the file private; a checkpoint is not secret
-            torch.save(payload, partial)
-            os.replace(partial, path)  # a crash mid-save never leaves a truncated checkpoint
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        # A crash mid-save never leaves a truncated checkpoint.
+        with atomic_write(path) as file:
+            torch.save(payload, file)
 
     def resume(self, path: str | os.PathLike[str], *, epoch: int | None = None) -> None:
         """Loads a memory checkpoint written by :meth:`save`.

@@ -410,7 +410,11 @@ def _placeholder_full_slots(slots: object, store: ShardedMemoryStore) -> object:
     """A zero-strided stand-in of the full slots, so the shared checks see the full shape."""
     if not isinstance(slots, torch.Tensor):
         return slots
-    if slots.is_floating_point() and not bool(torch.isfinite(slots).all()):
+    # Row-wise max and min propagate NaN and Inf without a slot-sized temporary.
+    flat = slots.reshape(slots.shape[0], -1) if slots.dim() and slots.numel() else None
+    if slots.is_floating_point() and flat is not None and not bool(
+        torch.isfinite(flat.amax(dim=1)).all() and torch.isfinite(flat.amin(dim=1)).all()
+    ):
         raise ValueError("memory state 'slots' holds NaN or Inf values")
     shape = (store.num_samples, store.depth, *store.sample_shape)
     return torch.zeros((), dtype=slots.dtype).expand(shape)
