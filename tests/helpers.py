@@ -14,7 +14,7 @@ def mlp(in_features: int = 4, classes: int = 3, *, dtype: torch.dtype = torch.fl
 
 def log_softmax_by_hand(z: torch.Tensor) -> torch.Tensor:
     """log p_c = z_c - log(sum_j exp(z_j)), written out for one 1-D logit vector."""
-    shift = max(float(v) for v in z)
+    shift = max(float(v.detach()) for v in z)
     total = sum(torch.exp(v - shift) for v in z)
     return torch.stack([v - shift - torch.log(total) for v in z])
 
