@@ -134,7 +134,7 @@ def _strip_eol(line: str) -> str:
 
 
 def _eol(line: str) -> str:
-    return line[len(_strip_eol(line)):]
+    return line[len(_strip_eol(line)) :]
 
 
 def _first_eol(lines: list[str]) -> str:
@@ -309,9 +309,7 @@ def _check_directory(patch: RepoPatch, root: Path) -> None:
 def _check_identity(patch: RepoPatch, root: Path) -> None:
     missing = [name for name in patch.required_files if not (root / name).is_file()]
     if missing:
-        raise PatchError(
-            _incompatible(patch, root, [f"missing {', '.join(missing)}"])
-        )
+        raise PatchError(_incompatible(patch, root, [f"missing {', '.join(missing)}"]))
 
 
 def _incompatible(patch: RepoPatch, root: Path, problems: list[str]) -> str:
@@ -386,8 +384,9 @@ def add_patch_subcommand(subparsers: argparse._SubParsersAction) -> None:
 def _add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(PATCHES), help="which repository")
     parser.add_argument("path", help="top directory of the repository checkout")
-    parser.add_argument("--revert", action="store_true",
-                        help="restore the original files and remove ours")
+    parser.add_argument(
+        "--revert", action="store_true", help="restore the original files and remove ours"
+    )
 
 
 def run_patch_command(args: argparse.Namespace) -> int:

@@ -42,8 +42,9 @@ OBJECTIVES = {
 def make_model(*, batchnorm: bool = False) -> nn.Module:
     torch.manual_seed(5)
     if batchnorm:
-        return nn.Sequential(nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.Tanh(),
-                             nn.Linear(8, CLASSES))
+        return nn.Sequential(
+            nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, CLASSES)
+        )
     return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, CLASSES))
 
 
@@ -161,11 +162,22 @@ def test_flags_are_added_and_captured(tmp_path):
     hook.add_arguments(parser)
     args = parser.parse_args([])
     assert args.beta_prime == 2.0 and hook.settings == HookSettings()
-    args = parser.parse_args(["--beta-prime", "0", "--mem-depth", "2", "--mem-dtype", "float16",
-                              "--mem-weighting", "none", "--beta", "3"])
+    args = parser.parse_args(
+        [
+            "--beta-prime",
+            "0",
+            "--mem-depth",
+            "2",
+            "--mem-dtype",
+            "float16",
+            "--mem-weighting",
+            "none",
+            "--beta",
+            "3",
+        ]
+    )
     assert args.beta == 3.0
-    assert hook.settings == HookSettings(beta_prime=0.0, depth=2, dtype="float16",
-                                         weighting="none")
+    assert hook.settings == HookSettings(beta_prime=0.0, depth=2, dtype="float16", weighting="none")
     with pytest.raises(SystemExit):
         parser.parse_args(["--mem-dtype", "float64"])
 
@@ -178,15 +190,20 @@ def test_bad_settings_are_refused():
 
 
 def test_settings_reach_the_memory():
-    hook = TrainingHook(settings=HookSettings(beta_prime=1.5, depth=2, dtype="float16",
-                                              weighting="none"))
+    hook = TrainingHook(
+        settings=HookSettings(beta_prime=1.5, depth=2, dtype="float16", weighting="none")
+    )
     model = make_model()
-    (x, y, idx), = [next(iter(hook.indexed(make_loader())))]
+    ((x, y, idx),) = [next(iter(hook.indexed(make_loader())))]
     hook.record(x, model(x))
     hook.term(model, idx, x, y)
     memory = hook.memory
     assert (memory.beta_prime, memory.depth, memory.dtype, memory.num_samples) == (
-        1.5, 2, torch.float16, NUM_SAMPLES)
+        1.5,
+        2,
+        torch.float16,
+        NUM_SAMPLES,
+    )
     assert memory.sample_shape == (FEATURES,)
 
 

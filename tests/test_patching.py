@@ -50,12 +50,15 @@ DEMO = RepoPatch(
     edits=(
         Edit("train.py", ("import os",), "insert_after", ("from shim import hook",)),
         Edit("train.py", ("args = parse()",), "insert_before", ("hook.add(parser)",)),
-        Edit("train.py", ("for x, y in loader:",), "replace",
-             ("for x, y, i in hook.wrap(loader):",)),
-        Edit("train.py", ("    loss = f(x, y)",), "insert_after",
-             ("    loss = loss + hook.term(i)",)),
-        Edit("lib/loss.py", ("    return out",), "insert_before", ("    hook.record(out)",),
-             count=2),
+        Edit(
+            "train.py", ("for x, y in loader:",), "replace", ("for x, y, i in hook.wrap(loader):",)
+        ),
+        Edit(
+            "train.py", ("    loss = f(x, y)",), "insert_after", ("    loss = loss + hook.term(i)",)
+        ),
+        Edit(
+            "lib/loss.py", ("    return out",), "insert_before", ("    hook.record(out)",), count=2
+        ),
         Edit("lib/loss.py", ("# caf\u00e9, no newline at end",), "insert_after", ("# end",)),
     ),
     new_files={"shim.py": "hook = None\n"},
@@ -311,7 +314,10 @@ def test_main_refuses_with_exit_code_2(tmp_path, capsys):
 def test_module_runs_as_a_script(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "memloss_addon.patching", "mart", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO_ROOT, check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
     )
     assert completed.returncode == 2
     assert "missing train_wideresnet.py, mart.py" in completed.stderr
@@ -366,12 +372,18 @@ def test_rendered_patch_file_matches_the_spec(name):
     patch = PATCHES[name]
     for path in patch.edited_files:
         expected_added = [
-            text for edit in patch.edits if edit.path == path
-            for _ in range(edit.count) for text in edit.lines
+            text
+            for edit in patch.edits
+            if edit.path == path
+            for _ in range(edit.count)
+            for text in edit.lines
         ]
         expected_removed = [
-            text for edit in patch.edits if edit.path == path and edit.action == "replace"
-            for _ in range(edit.count) for text in edit.anchor
+            text
+            for edit in patch.edits
+            if edit.path == path and edit.action == "replace"
+            for _ in range(edit.count)
+            for text in edit.anchor
         ]
         assert sorted(added.pop(path)) == sorted(expected_added), path
         assert sorted(removed.pop(path, [])) == sorted(expected_removed), path

@@ -16,8 +16,18 @@ from pathlib import Path
 import numpy as np
 
 _FOLDER = "cifar-10-batches-py"
-_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-            "truck"]
+_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def write_fake_cifar10(root: Path, *, train: int, test: int, seed: int) -> Path:
@@ -39,8 +49,10 @@ def write_fake_cifar10(root: Path, *, train: int, test: int, seed: int) -> Path:
     for number in range(1, 6):
         _dump(folder / f"data_batch_{number}", batch(train // 5, f"training batch {number}"))
     _dump(folder / "test_batch", batch(test, "testing batch 1"))
-    _dump(folder / "batches.meta", {"label_names": _CLASSES, "num_cases_per_batch": train // 5,
-                                    "num_vis": 3072})
+    _dump(
+        folder / "batches.meta",
+        {"label_names": _CLASSES, "num_cases_per_batch": train // 5, "num_vis": 3072},
+    )
     return folder
 
 

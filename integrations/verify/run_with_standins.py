@@ -150,8 +150,12 @@ def main() -> None:
     parser.add_argument("--cuda-to-cpu", action="store_true")
     parser.add_argument("--pandas-append", action="store_true")
     parser.add_argument("--stub", action="append", default=[], metavar="MODULE")
-    parser.add_argument("--stop-after-epochs", type=int, default=None,
-                        help="ST-AT only: stop when adjust_learning_rate sees a later epoch")
+    parser.add_argument(
+        "--stop-after-epochs",
+        type=int,
+        default=None,
+        help="ST-AT only: stop when adjust_learning_rate sees a later epoch",
+    )
     parser.add_argument("script")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()

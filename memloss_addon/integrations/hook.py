@@ -122,20 +122,44 @@ class TrainingHook:
             parser: the repository's argument parser, before it parses.
         """
         group = parser.add_argument_group("MemLoss memory")
-        group.add_argument("--beta-prime", type=float, default=2.0,
-                           help="weight of the MemLoss term (0 reproduces the base method)")
-        group.add_argument("--mem-depth", type=int, default=1,
-                           help="stored adversarial examples per training sample")
-        group.add_argument("--mem-dtype", choices=sorted(_DTYPES), default="float32",
-                           help="storage dtype of the memory")
-        group.add_argument("--mem-weighting", choices=["difficulty", "none"],
-                           default="difficulty", help="per-example weight of the term")
-        group.add_argument("--mem-eps", type=float, default=None,
-                           help="attack radius, used by --mem-dtype uint8 to re-project")
-        group.add_argument("--mem-device", default=None,
-                           help="where the memory lives (default: the training batch's device)")
-        group.add_argument("--mem-resume", default=None,
-                           help="memory checkpoint to load when training starts")
+        group.add_argument(
+            "--beta-prime",
+            type=float,
+            default=2.0,
+            help="weight of the MemLoss term (0 reproduces the base method)",
+        )
+        group.add_argument(
+            "--mem-depth",
+            type=int,
+            default=1,
+            help="stored adversarial examples per training sample",
+        )
+        group.add_argument(
+            "--mem-dtype",
+            choices=sorted(_DTYPES),
+            default="float32",
+            help="storage dtype of the memory",
+        )
+        group.add_argument(
+            "--mem-weighting",
+            choices=["difficulty", "none"],
+            default="difficulty",
+            help="per-example weight of the term",
+        )
+        group.add_argument(
+            "--mem-eps",
+            type=float,
+            default=None,
+            help="attack radius, used by --mem-dtype uint8 to re-project",
+        )
+        group.add_argument(
+            "--mem-device",
+            default=None,
+            help="where the memory lives (default: the training batch's device)",
+        )
+        group.add_argument(
+            "--mem-resume", default=None, help="memory checkpoint to load when training starts"
+        )
         parse_known_args = parser.parse_known_args
 
         def capture(*args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:

@@ -137,22 +137,45 @@ def _pgd_loop_patch(
         required_files=(script, loss_file),
         edits=(
             Edit(script, (script_import,), "insert_after", (_IMPORT,)),
-            Edit(script, ("args = parser.parse_args()",), "insert_before",
-                 ("memloss.add_arguments(parser)",)),
-            Edit(script, (loop,), "replace",
-                 ("    for batch_idx, (data, target, idx) in "
-                  "enumerate(memloss.indexed(train_loader)):",)),
-            Edit(script, ("                           beta=args.beta)",), "insert_after",
-                 ("        loss = loss + memloss.term(model, idx, data, target)",)),
-            Edit(script, (save_anchor,), "insert_after",
-                 ("            memloss.save(os.path.join(model_dir, 'memory-last.pt'), "
-                  "epoch=epoch)",)),
+            Edit(
+                script,
+                ("args = parser.parse_args()",),
+                "insert_before",
+                ("memloss.add_arguments(parser)",),
+            ),
+            Edit(
+                script,
+                (loop,),
+                "replace",
+                (
+                    "    for batch_idx, (data, target, idx) in "
+                    "enumerate(memloss.indexed(train_loader)):",
+                ),
+            ),
+            Edit(
+                script,
+                ("                           beta=args.beta)",),
+                "insert_after",
+                ("        loss = loss + memloss.term(model, idx, data, target)",),
+            ),
+            Edit(
+                script,
+                (save_anchor,),
+                "insert_after",
+                (
+                    "            memloss.save(os.path.join(model_dir, 'memory-last.pt'), "
+                    "epoch=epoch)",
+                ),
+            ),
             Edit(loss_file, (loss_import,), "insert_after", (_IMPORT,)),
-            Edit(loss_file, ("    x_adv = x_natural.detach() + 0.001 * " + _RANDN_CUDA,),
-                 "replace", ("    x_adv = x_natural.detach() + 0.001 * " + _RANDN_HERE,)),
+            Edit(
+                loss_file,
+                ("    x_adv = x_natural.detach() + 0.001 * " + _RANDN_CUDA,),
+                "replace",
+                ("    x_adv = x_natural.detach() + 0.001 * " + _RANDN_HERE,),
+            ),
             *extra_loss_edits,
-            Edit(loss_file, (loss_line,), "insert_after",
-                 ("    memloss.record(x_adv, logits)",)),
+            Edit(loss_file, (loss_line,), "insert_after", ("    memloss.record(x_adv, logits)",)),
         ),
         new_files={SHIM_PATH: _shim(name)},
     )
@@ -168,8 +191,12 @@ TRADES = _pgd_loop_patch(
     script_import="from trades import trades_loss",
     loss_line="    loss = loss_natural + beta * loss_robust",
     extra_loss_edits=(
-        Edit("trades.py", ("        delta = 0.001 * " + _RANDN_CUDA,), "replace",
-             ("        delta = 0.001 * " + _RANDN_HERE,)),
+        Edit(
+            "trades.py",
+            ("        delta = 0.001 * " + _RANDN_CUDA,),
+            "replace",
+            ("        delta = 0.001 * " + _RANDN_HERE,),
+        ),
     ),
     save_anchor="                       os.path.join(model_dir, "
     "'opt-wideres-checkpoint_epoch{}.tar'.format(epoch)))",
@@ -196,35 +223,69 @@ HAT = RepoPatch(
     required_files=("train.py", "core/utils/train.py", "core/utils/hat.py"),
     edits=(
         Edit("train.py", ("from core import setup",), "insert_after", (_IMPORT,)),
-        Edit("train.py", ("parse = parser_train()",), "insert_after",
-             ("memloss.add_arguments(parse)",)),
-        Edit("train.py", ("    trainer.save_model(os.path.join(LOG_DIR, 'weights-last.pt'))",),
-             "insert_after",
-             ("    memloss.save(os.path.join(LOG_DIR, 'memory-last.pt'), epoch=epoch)",)),
+        Edit(
+            "train.py",
+            ("parse = parser_train()",),
+            "insert_after",
+            ("memloss.add_arguments(parse)",),
+        ),
+        Edit(
+            "train.py",
+            ("    trainer.save_model(os.path.join(LOG_DIR, 'weights-last.pt'))",),
+            "insert_after",
+            ("    memloss.save(os.path.join(LOG_DIR, 'memory-last.pt'), epoch=epoch)",),
+        ),
         Edit("core/utils/train.py", ("from .utils import seed",), "insert_after", (_IMPORT,)),
-        Edit("core/utils/train.py",
-             ("        for data in tqdm(dataloader, desc='Epoch {}: '.format(epoch), "
-              "disable=not verbose):",),
-             "replace",
-             ("        for data in tqdm(memloss.indexed(dataloader), "
-              "desc='Epoch {}: '.format(epoch), disable=not verbose):",)),
-        Edit("core/utils/train.py", ("            x, y = data",), "replace",
-             ("            x, y, idx = data",)),
-        Edit("core/utils/train.py",
-             ("                    loss, batch_metrics = self.hat_loss(x, y, h=self.params.h, "
-              "beta=self.params.beta, gamma=self.params.gamma)",),
-             "insert_after",
-             ("                    loss = loss + memloss.term(self.model, idx, x, y, "
-              "metrics=batch_metrics)",)),
-        Edit("core/utils/hat.py", ("from .context import ctx_noparamgrad_and_eval",),
-             "insert_after", (_IMPORT,)),
-        Edit("core/utils/hat.py",
-             ("    x_adv = x.detach() + 0.001 * torch.randn(x.shape).cuda().detach()",),
-             "replace",
-             ("    x_adv = x.detach() + 0.001 * torch.randn(x.shape).to(x.device).detach()",)),
+        Edit(
+            "core/utils/train.py",
+            (
+                "        for data in tqdm(dataloader, desc='Epoch {}: '.format(epoch), "
+                "disable=not verbose):",
+            ),
+            "replace",
+            (
+                "        for data in tqdm(memloss.indexed(dataloader), "
+                "desc='Epoch {}: '.format(epoch), disable=not verbose):",
+            ),
+        ),
+        Edit(
+            "core/utils/train.py",
+            ("            x, y = data",),
+            "replace",
+            ("            x, y, idx = data",),
+        ),
+        Edit(
+            "core/utils/train.py",
+            (
+                "                    loss, batch_metrics = self.hat_loss(x, y, h=self.params.h, "
+                "beta=self.params.beta, gamma=self.params.gamma)",
+            ),
+            "insert_after",
+            (
+                "                    loss = loss + memloss.term(self.model, idx, x, y, "
+                "metrics=batch_metrics)",
+            ),
+        ),
+        Edit(
+            "core/utils/hat.py",
+            ("from .context import ctx_noparamgrad_and_eval",),
+            "insert_after",
+            (_IMPORT,),
+        ),
+        Edit(
+            "core/utils/hat.py",
+            ("    x_adv = x.detach() + 0.001 * torch.randn(x.shape).cuda().detach()",),
+            "replace",
+            ("    x_adv = x.detach() + 0.001 * torch.randn(x.shape).to(x.device).detach()",),
+        ),
         # hat_loss and at_hat_loss end with the same line; both record.
-        Edit("core/utils/hat.py", ("    loss = loss_clean + beta * loss_adv + gamma * loss_help",),
-             "insert_after", ("    memloss.record(x_adv, out_clean)",), count=2),
+        Edit(
+            "core/utils/hat.py",
+            ("    loss = loss_clean + beta * loss_adv + gamma * loss_help",),
+            "insert_after",
+            ("    memloss.record(x_adv, out_clean)",),
+            count=2,
+        ),
     ),
     new_files={SHIM_PATH: _shim("hat")},
 )
@@ -236,26 +297,55 @@ ST = RepoPatch(
     required_files=("train_stat.py", "losses.py"),
     edits=(
         Edit("train_stat.py", ("from losses import stat_loss",), "insert_after", (_IMPORT,)),
-        Edit("train_stat.py", ("args = parser.parse_args()",), "insert_before",
-             ("memloss.add_arguments(parser)",)),
-        Edit("train_stat.py", ('device = torch.device("cuda")',), "replace",
-             ('device = torch.device("cuda" if torch.cuda.is_available() else "cpu")',)),
-        Edit("train_stat.py", ("    for batch_idx, (data, target) in enumerate(train_loader):",),
-             "replace",
-             ("    for batch_idx, (data, target, idx) in "
-              "enumerate(memloss.indexed(train_loader)):",)),
-        Edit("train_stat.py",
-             ("                                                    loss_mode=args.loss_mode)",),
-             "insert_after", ("        loss = loss + memloss.term(model, idx, data, target)",)),
-        Edit("train_stat.py", ('        start_epoch = 1 + state_dicts["epoch"]',), "insert_after",
-             ("        memloss.resume(os.path.join(os.path.dirname(args.resume), "
-              "'memory_cur.pt'), epoch=state_dicts['epoch'])",)),
-        Edit("train_stat.py", ("                   os.path.join(model_dir, 'ep_cur.pt'))",),
-             "insert_after",
-             ("        memloss.save(os.path.join(model_dir, 'memory_cur.pt'), epoch=epoch)",)),
+        Edit(
+            "train_stat.py",
+            ("args = parser.parse_args()",),
+            "insert_before",
+            ("memloss.add_arguments(parser)",),
+        ),
+        Edit(
+            "train_stat.py",
+            ('device = torch.device("cuda")',),
+            "replace",
+            ('device = torch.device("cuda" if torch.cuda.is_available() else "cpu")',),
+        ),
+        Edit(
+            "train_stat.py",
+            ("    for batch_idx, (data, target) in enumerate(train_loader):",),
+            "replace",
+            (
+                "    for batch_idx, (data, target, idx) in "
+                "enumerate(memloss.indexed(train_loader)):",
+            ),
+        ),
+        Edit(
+            "train_stat.py",
+            ("                                                    loss_mode=args.loss_mode)",),
+            "insert_after",
+            ("        loss = loss + memloss.term(model, idx, data, target)",),
+        ),
+        Edit(
+            "train_stat.py",
+            ('        start_epoch = 1 + state_dicts["epoch"]',),
+            "insert_after",
+            (
+                "        memloss.resume(os.path.join(os.path.dirname(args.resume), "
+                "'memory_cur.pt'), epoch=state_dicts['epoch'])",
+            ),
+        ),
+        Edit(
+            "train_stat.py",
+            ("                   os.path.join(model_dir, 'ep_cur.pt'))",),
+            "insert_after",
+            ("        memloss.save(os.path.join(model_dir, 'memory_cur.pt'), epoch=epoch)",),
+        ),
         Edit("losses.py", ("from utils import *",), "insert_after", (_IMPORT,)),
-        Edit("losses.py", ("    loss = loss_natural + beta * loss_robust",), "insert_after",
-             ("    memloss.record(x_adv, nat_logit)",)),
+        Edit(
+            "losses.py",
+            ("    loss = loss_natural + beta * loss_robust",),
+            "insert_after",
+            ("    memloss.record(x_adv, nat_logit)",),
+        ),
     ),
     new_files={SHIM_PATH: _shim("st", cuda_fallback=True)},
 )

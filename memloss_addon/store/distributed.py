@@ -412,8 +412,12 @@ def _placeholder_full_slots(slots: object, store: ShardedMemoryStore) -> object:
         return slots
     # Row-wise max and min propagate NaN and Inf without a slot-sized temporary.
     flat = slots.reshape(slots.shape[0], -1) if slots.dim() and slots.numel() else None
-    if slots.is_floating_point() and flat is not None and not bool(
-        torch.isfinite(flat.amax(dim=1)).all() and torch.isfinite(flat.amin(dim=1)).all()
+    if (
+        slots.is_floating_point()
+        and flat is not None
+        and not bool(
+            torch.isfinite(flat.amax(dim=1)).all() and torch.isfinite(flat.amin(dim=1)).all()
+        )
     ):
         raise ValueError("memory state 'slots' holds NaN or Inf values")
     shape = (store.num_samples, store.depth, *store.sample_shape)
