@@ -17,25 +17,48 @@ SGD, and these steps are timed interleaved, in a rotating order, in every repeti
   For TRADES, MART, HAT and ST the clean logits are in the base loss already; PGD-AT and
   single-step compute them in an extra forward pass that the base loss does not backpropagate.
 
+For TRADES-10 one more variant runs in the same repetitions:
+
+- ``memory d1 disk``: the depth-1 step with a memory kept in a folder on disk
+  (``storage_path``, a memory-mapped file) instead of RAM.
+
 Times are medians over the repetitions of each step's CPU time (``time.process_time``: this
 process's CPU time, which leaves out time spent waiting for other processes on a shared machine);
 wall-clock medians are reported next to them. Seeds are fixed. The target: TRADES-10 with a
-depth-1 memory at most 1.10 x the base step. ``--smoke`` runs a tiny model on batches of 8 with
-2 attack steps and one repetition (for tests).
+depth-1 memory at most 1.10 x the base step.
+
+A distributed section then runs TRADES-10 (the same model, the same batch per rank) in 2
+processes on ``gloo`` with a ``DistributedDataParallel`` model: the base step, the step with a
+filled depth-1 ``distributed="sharded"`` memory and with a ``"replicated"`` one, interleaved in
+rotating order. Every rank waits at a barrier before each step and times it by the wall clock
+(CPU time of a rank leaves out its waits for the other rank, which are part of a distributed
+step); a step's time is that of its slower rank. Each rank's batch holds ``batch / 2`` samples
+owned by each rank, so the communicated bytes per step are fixed and are checked against the
+figure expected from the collectives. The sharded step is also divided by the single-process
+depth-1 step of the main table, both by the wall clock.
+
+``--smoke`` runs a tiny model on batches of 8 with 2 attack steps and one repetition (for tests).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _common import RESULTS_DIR, print_metadata, run_metadata, write_json
+from torch.nn.parallel import DistributedDataParallel
 
 from memloss_addon import MemoryWrapper, objectives
 from memloss_addon.models import SmallResNet
@@ -43,6 +66,9 @@ from memloss_addon.models import SmallResNet
 EPS = 8 / 255
 TARGET = ("TRADES-10", 1.10)
 DEPTHS = (1, 2, 4)
+DISK = "memory d1 disk"
+WORLD_SIZE = 2
+LAYOUTS = ("sharded", "replicated")
 
 
 def method_table(steps: int) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
@@ -72,6 +98,7 @@ class StepBench:
         batch: int,
         widths: tuple[int, int, int],
         seed: int,
+        storage_path: str | None = None,
     ) -> None:
         torch.manual_seed(seed)
         self.objective = objective
@@ -89,13 +116,19 @@ class StepBench:
         self.y = torch.randint(0, 10, (num_samples,))
         self.order = torch.randperm(num_samples)
         self.position = 0
-        self.memories = {
+        self.memories: dict[int | str, MemoryWrapper] = {
             depth: MemoryWrapper(self.model, num_samples, (3, 32, 32), depth=depth, eps=EPS)
             for depth in DEPTHS
         }
+        self.variants = ["base", *(f"memory d{d}" for d in DEPTHS), "floor"]
+        if storage_path is not None:
+            self.memories[DISK] = MemoryWrapper(
+                self.model, num_samples, (3, 32, 32), depth=1, eps=EPS, storage_path=storage_path
+            )
+            self.variants.insert(-1, DISK)
         with torch.no_grad():  # fill every slot, so that every timed call reads depth x B rows
-            for depth, memory in self.memories.items():
-                for _ in range(depth):
+            for key, memory in self.memories.items():
+                for _ in range(1 if key == DISK else int(key)):
                     for first in range(0, num_samples, batch):
                         idx = torch.arange(first, first + batch)
                         x = self.x[idx]
@@ -111,13 +144,15 @@ class StepBench:
         return self.x[idx], self.y[idx], idx
 
     def step(self, variant: str) -> None:
-        """One training step of ``variant``: "base", "floor" or "memory dK"."""
+        """One training step of ``variant``: "base", "floor", "memory dK" or "memory d1 disk"."""
         x, y, idx = self.next_batch()
         out = self.objective(self.model, x, y, **self.kwargs)
         loss = out.loss
         if variant == "floor":
             extra = F.cross_entropy(self.model(out.adv.detach()), y)
             loss = loss + 1e-3 * (extra + F.cross_entropy(out.logits, y))
+        elif variant == DISK:
+            loss = loss + self.memories[DISK](idx, x, out.adv, out.logits, y)
         elif variant.startswith("memory d"):
             memory = self.memories[int(variant.removeprefix("memory d"))]
             loss = loss + memory(idx, x, out.adv, out.logits, y)
@@ -133,6 +168,194 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def balanced_batch(
+    rank: int, world_size: int, batch: int, num_samples: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Rank ``rank``'s part of one global batch: ``batch / world_size`` samples of each owner.
+
+    A sharded memory stores sample ``i`` on rank ``i % world_size``; a batch balanced over the
+    owners makes every step exchange the same number of rows. Every rank draws the same
+    permutations (same generator state) and takes its own slice.
+    """
+    per_owner = batch // world_size
+    parts = []
+    for owner in range(world_size):
+        owned = torch.arange(owner, num_samples, world_size)
+        order = owned[torch.randperm(owned.numel(), generator=generator)]
+        parts.append(order[rank * per_owner : (rank + 1) * per_owner])
+    return torch.cat(parts)
+
+
+def expected_comm_bytes(layout: str, *, batch: int, world_size: int, row_bytes: int) -> int:
+    """Bytes a rank receives in one memory call with balanced batches of distinct indices.
+
+    Every call all-gathers a 2 x int64 header, the batch's int64 indices and one uint8
+    acceptance flag per row. Rows: sharded, the ``batch (ws - 1) / ws`` rows of this rank's batch
+    that other ranks own (read) plus the ``batch (ws - 1) / ws`` rows of other ranks' batches that
+    this rank owns (write); replicated, every other rank's ``batch`` new rows.
+    """
+    others = world_size - 1
+    bookkeeping = others * (2 * 8 + batch * 8 + batch)
+    if layout == "sharded":
+        rows = 2 * batch * others // world_size
+    else:
+        rows = batch * others
+    return bookkeeping + rows * row_bytes
+
+
+def distributed_worker(rank: int, config: dict[str, Any], folder: str) -> None:
+    """One rank of the distributed section; writes its raw times to ``folder/rank<r>.json``."""
+    torch.set_num_threads(1)
+    world_size, batch = config["world_size"], config["batch"]
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/init",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=300),
+    )
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(SmallResNet(widths=tuple(config["widths"])))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        num_samples = 4 * batch * world_size
+        data = torch.Generator().manual_seed(1)
+        x_all = torch.rand(num_samples, 3, 32, 32, generator=data)
+        y_all = torch.randint(0, 10, (num_samples,), generator=data)
+        memories = {
+            layout: MemoryWrapper(
+                model, num_samples, (3, 32, 32), depth=1, eps=EPS, distributed=layout
+            )
+            for layout in LAYOUTS
+        }
+        with torch.no_grad():  # fill every slot: each global batch covers batch / ws per owner
+            per_owner = batch // world_size
+            for memory in memories.values():
+                for first in range(0, num_samples // world_size, per_owner * world_size):
+                    slot = first + rank * per_owner
+                    idx = torch.cat(
+                        [
+                            torch.arange(owner, num_samples, world_size)[slot : slot + per_owner]
+                            for owner in range(world_size)
+                        ]
+                    )
+                    x = x_all[idx]
+                    adv = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)
+                    memory(idx, x, adv, model(x), y_all[idx])
+                assert memory.stats()["filled_fraction"] == 1.0
+        objective, kwargs = method_table(config["steps"])[config["method"]]
+        variants = ["base", *LAYOUTS]
+        wall: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        comm: dict[str, list[int]] = {v: [] for v in LAYOUTS}
+        batches = torch.Generator().manual_seed(2)  # the same draws on every rank
+        for rep in range(config["reps"] + 1):
+            shift = rep % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                idx = balanced_batch(rank, world_size, batch, num_samples, batches)
+                x, y = x_all[idx], y_all[idx]
+                dist.barrier()
+                cpu_start, wall_start = time.process_time(), time.perf_counter()
+                out = objective(model, x, y, **kwargs)
+                loss = out.loss
+                if variant in memories:
+                    loss = loss + memories[variant](idx, x, out.adv, out.logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                wall_s = time.perf_counter() - wall_start
+                cpu_s = time.process_time() - cpu_start
+                if rep > 0:  # repetition 0 warms up
+                    wall[variant].append(wall_s)
+                    cpu[variant].append(cpu_s)
+                    if variant in memories:
+                        comm[variant].append(memories[variant].stats()["comm_bytes_last_step"])
+        result = {"wall_seconds": wall, "cpu_seconds": cpu, "comm_bytes": comm}
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    *, method: str, steps: int, batch: int, widths: tuple[int, int, int], reps: int
+) -> dict[str, Any]:
+    """Spawns the ranks and returns their raw times and received bytes, one list per rank."""
+    config = {
+        "world_size": WORLD_SIZE,
+        "method": method,
+        "steps": steps,
+        "batch": batch,
+        "widths": list(widths),
+        "reps": reps,
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        # Results travel through files: tensors sent through queues die with their process.
+        mp.spawn(distributed_worker, args=(config, folder), nprocs=WORLD_SIZE, join=True)
+        ranks = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    return {
+        "world_size": WORLD_SIZE,
+        "method": method,
+        "batch_per_rank": batch,
+        "reps": reps,
+        "clock": "wall (perf_counter), barrier before each step",
+        "wall_seconds": [r["wall_seconds"] for r in ranks],
+        "cpu_seconds": [r["cpu_seconds"] for r in ranks],
+        "comm_bytes": [r["comm_bytes"] for r in ranks],
+    }
+
+
+def summarize_distributed(result: dict[str, Any], single: dict[str, Any], *, batch: int) -> None:
+    """Adds the medians, ratios and expected bytes to ``result`` and prints them."""
+    world_size = result["world_size"]
+    variants = ["base", *LAYOUTS]
+    # A step lasts until its slower rank is done.
+    slower = {
+        v: [max(times) for times in zip(*(r[v] for r in result["wall_seconds"]), strict=True)]
+        for v in variants
+    }
+    step_ms = {v: 1e3 * statistics.median(slower[v]) for v in variants}
+    per_rank_ms = [
+        {v: 1e3 * statistics.median(r[v]) for v in variants} for r in result["wall_seconds"]
+    ]
+    row_bytes = 3 * 32 * 32 * torch.finfo(torch.float32).bits // 8
+    expected = {
+        layout: expected_comm_bytes(layout, batch=batch, world_size=world_size, row_bytes=row_bytes)
+        for layout in LAYOUTS
+    }
+    single_d1 = single["wall_median_ms"]["memory d1"]
+    result.update(
+        {
+            "step_ms": step_ms,
+            "per_rank_step_ms": per_rank_ms,
+            "ratio_to_base": {v: step_ms[v] / step_ms["base"] for v in variants},
+            "single_process_wall_ms": {
+                "base": single["wall_median_ms"]["base"],
+                "memory d1": single_d1,
+            },
+            "over_single_process_d1": {v: step_ms[v] / single_d1 for v in variants},
+            "expected_comm_bytes": expected,
+        }
+    )
+    print(
+        f"{'variant':>12s} {'step ms':>9s} {'rank ms':>17s} {'/ base':>7s} {'/ 1-proc d1':>11s} "
+        f"{'bytes/step':>11s} {'expected':>9s}"
+    )
+    for v in variants:
+        ranks = "/".join(f"{r[v]:.0f}" for r in per_rank_ms)
+        measured = sorted({b for r in result["comm_bytes"] for b in r.get(v, [])})
+        shown = ",".join(str(b) for b in measured) if measured else "-"
+        print(
+            f"{v:>12s} {step_ms[v]:9.1f} {ranks:>17s} {result['ratio_to_base'][v]:7.3f} "
+            f"{result['over_single_process_d1'][v]:11.3f} {shown:>11s} "
+            f"{expected.get(v, '-')!s:>9s}"
+        )
+    print(
+        f"single process (main table, wall): base {single['wall_median_ms']['base']:.1f} ms, "
+        f"depth 1 {single_d1:.1f} ms; rows of {row_bytes} bytes, "
+        f"{batch * (world_size - 1)} rows of other ranks' batches per step"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repetition")
@@ -145,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         steps, batch, widths, reps = 10, args.batch, (16, 32, 64), args.reps
     json_path = args.json or (None if args.smoke else RESULTS_DIR / "step_overhead.json")
-    variants = ["base", *(f"memory d{d}" for d in DEPTHS), "floor"]
 
     meta = run_metadata([sys.executable, *sys.argv])
     print_metadata(meta)
@@ -154,14 +376,24 @@ def main(argv: list[str] | None = None) -> int:
         f"repetitions after one warm-up, variants interleaved in rotating order; medians of "
         f"per-step process CPU time (wall-clock medians in the last column)."
     )
+    disk_folder = tempfile.TemporaryDirectory()
+    target_label = f"TRADES-{steps}"
     benches = {
-        label: StepBench(objective, kwargs, batch=batch, widths=widths, seed=i)
+        label: StepBench(
+            objective,
+            kwargs,
+            batch=batch,
+            widths=widths,
+            seed=i,
+            storage_path=disk_folder.name if label == target_label else None,
+        )
         for i, (label, (objective, kwargs)) in enumerate(method_table(steps).items())
     }
-    cpu: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in benches}
-    wall: dict[str, dict[str, list[float]]] = {m: {v: [] for v in variants} for m in benches}
+    cpu = {m: {v: [] for v in b.variants} for m, b in benches.items()}
+    wall = {m: {v: [] for v in b.variants} for m, b in benches.items()}
     for rep in range(reps + 1):
         for label, bench in benches.items():
+            variants = bench.variants
             shift = rep % len(variants)
             for variant in variants[shift:] + variants[:shift]:
                 cpu_s, wall_s = timed(lambda b=bench, v=variant: b.step(v))
@@ -169,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[label][variant].append(cpu_s)
                     wall[label][variant].append(wall_s)
         print(f"  repetition {rep}/{reps} done", flush=True)
+    benches.clear()  # close the disk-backed memory before its folder goes
+    disk_folder.cleanup()
 
     rows = []
     header = (
@@ -177,10 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         + f" {'floor':>7s} {'d1 - floor ms':>13s} {'d1 wall ratio':>13s}  target"
     )
     print("\n" + header)
-    for label in benches:
-        median = {v: statistics.median(cpu[label][v]) for v in variants}
-        wall_median = {v: statistics.median(wall[label][v]) for v in variants}
-        ratios = {v: median[v] / median["base"] for v in variants}
+    for label in cpu:
+        median = {v: statistics.median(times) for v, times in cpu[label].items()}
+        wall_median = {v: statistics.median(times) for v, times in wall[label].items()}
+        ratios = {v: median[v] / median["base"] for v in median}
         target = TARGET[1] if label == TARGET[0] else None
         row = {
             "method": label,
@@ -192,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": target,
             "passed": None if target is None else ratios["memory d1"] <= target,
         }
+        if DISK in median:
+            row["wall_ratio_disk"] = wall_median[DISK] / wall_median["base"]
         rows.append(row)
         verdict = (
             "" if target is None else f"<= {target:.2f} " + ("PASS" if row["passed"] else "FAIL")
@@ -203,6 +439,24 @@ def main(argv: list[str] | None = None) -> int:
             f" {1e3 * (median['memory d1'] - median['floor']):13.1f}"
             f" {row['wall_ratio_d1']:13.3f}  {verdict}"
         )
+    for row in rows:
+        if DISK in row["ratio"]:
+            print(
+                f"{row['method']:>12s} depth 1 on disk (storage_path): {row['ratio'][DISK]:.3f} x "
+                f"base CPU time, {row['wall_ratio_disk']:.3f} x base wall time "
+                f"(in RAM: {row['ratio']['memory d1']:.3f} and {row['wall_ratio_d1']:.3f})"
+            )
+
+    print(
+        f"\n{target_label} in {WORLD_SIZE} gloo processes, DistributedDataParallel, batch {batch} "
+        f"per rank, depth-1 memories; {reps} repetitions after one warm-up, rotating order; wall "
+        f"time per step after a barrier, of the slower rank; medians.",
+        flush=True,
+    )
+    distributed = run_distributed(
+        method=target_label, steps=steps, batch=batch, widths=widths, reps=reps
+    )
+    summarize_distributed(distributed, rows[0], batch=batch)
     if json_path is not None:
         write_json(
             json_path,
@@ -212,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows,
                 "cpu_seconds": cpu,
                 "wall_seconds": wall,
+                "distributed": distributed,
             },
         )
         print(f"\nwrote {json_path}")

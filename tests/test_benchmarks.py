@@ -64,11 +64,42 @@ def test_step_overhead_smoke_ratios_are_medians_of_the_raw_times(tmp_path):
     assert labels == ["TRADES-2", "PGD-AT-2", "MART-2", "HAT-2", "ST-2", "single-step"]
     for row in result["rows"]:
         raw = result["cpu_seconds"][row["method"]]
-        assert set(raw) == {"base", "memory d1", "memory d2", "memory d4", "floor"}
+        wall = result["wall_seconds"][row["method"]]
+        expected_variants = {"base", "memory d1", "memory d2", "memory d4", "floor"}
+        if row["method"] == "TRADES-2":  # the disk-backed depth-1 memory runs for TRADES only
+            expected_variants.add("memory d1 disk")
+            assert row["wall_ratio_disk"] == pytest.approx(
+                statistics.median(wall["memory d1 disk"]) / statistics.median(wall["base"])
+            )
+        assert set(raw) == set(wall) == expected_variants
         assert all(len(times) == 1 and times[0] > 0 for times in raw.values())
         base = statistics.median(raw["base"])
         for variant, times in raw.items():
             assert row["ratio"][variant] == pytest.approx(statistics.median(times) / base)
+
+    dist = result["distributed"]
+    assert (dist["world_size"], dist["batch_per_rank"], dist["method"]) == (2, 8, "TRADES-2")
+    variants = ("base", "sharded", "replicated")
+    for rank in dist["wall_seconds"]:
+        assert all(len(rank[v]) == 1 and rank[v][0] > 0 for v in variants)
+    # A step lasts until its slower rank is done; medians over the steps.
+    step = {
+        v: 1e3 * statistics.median(map(max, *(rank[v] for rank in dist["wall_seconds"])))
+        for v in variants
+    }
+    single_d1 = 1e3 * statistics.median(result["wall_seconds"]["TRADES-2"]["memory d1"])
+    for v in variants:
+        assert dist["step_ms"][v] == pytest.approx(step[v])
+        assert dist["ratio_to_base"][v] == pytest.approx(step[v] / step["base"])
+        assert dist["over_single_process_d1"][v] == pytest.approx(step[v] / single_d1)
+    # Bytes each rank receives per call, batch 8 per rank, 2 ranks, float32 3x32x32 rows:
+    # header 2 x int64 + 8 int64 indices + 8 uint8 flags = 16 + 64 + 8 = 88 bytes, plus 8 rows of
+    # 12,288 bytes (sharded: the 4 rows of its batch owned by the other rank and the 4 rows of
+    # the other rank's batch it owns; replicated: the other rank's 8 new rows).
+    expected = 88 + 8 * 3 * 32 * 32 * 4
+    assert dist["expected_comm_bytes"] == {"sharded": expected, "replicated": expected}
+    for rank in dist["comm_bytes"]:
+        assert rank == {"sharded": [expected], "replicated": [expected]}
 
 
 def test_accuracy_smoke_table_matches_its_runs(tmp_path):
