@@ -14,14 +14,67 @@ asked otherwise.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Weighting", "memory_kl_rows", "memloss_term"]
+__all__ = [
+    "Weighting",
+    "kl_rows",
+    "log_probs",
+    "memloss_term",
+    "memory_kl_rows",
+    "no_autocast",
+    "upcast",
+]
 
 Weighting = Literal["difficulty", "none"]
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """A context that turns autocast off on ``device`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as fp32; fp32 and fp64 unchanged.
+
+    Example:
+        >>> upcast(torch.zeros(1, dtype=torch.bfloat16)).dtype
+        torch.float32
+    """
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over classes of logits upcast to at least fp32, with autocast off.
+
+    Autocast would run ``log_softmax`` in bf16 on CPU, and ``log(softmax(z))`` overflows for large
+    logits; this is the one place that turns logits into log-probabilities.
+
+    Example:
+        >>> log_probs(torch.tensor([[0.0, 0.0]])).exp()
+        tensor([[0.5000, 0.5000]])
+    """
+    with no_autocast(logits.device):
+        return F.log_softmax(upcast(logits), dim=1)
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row ``KL(p || q)`` from log-probabilities (shape ``(B, C)`` -> ``(B,)``).
+
+    Example:
+        >>> log_p = torch.log(torch.tensor([[0.5, 0.5]]))
+        >>> log_q = torch.log(torch.tensor([[0.25, 0.75]]))
+        >>> round(kl_rows(log_p, log_q).item(), 4)  # 0.5 log 2 + 0.5 log(2/3)
+        0.1438
+    """
+    with no_autocast(log_p.device):
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
 
 
 def memory_kl_rows(
@@ -52,11 +105,9 @@ def memory_kl_rows(
     """
     if weighting not in ("difficulty", "none"):
         raise ValueError(f"weighting must be 'difficulty' or 'none', got {weighting!r}")
-    # Autocast would run log_softmax in bf16 on CPU; the term is computed in fp32 or wider.
-    with torch.autocast(device_type=clean_logits.device.type, enabled=False):
-        log_p_clean = F.log_softmax(_at_least_fp32(clean_logits), dim=1)
-        log_p_memory = F.log_softmax(_at_least_fp32(memory_logits), dim=1)
-        kl = F.kl_div(log_p_memory, log_p_clean, reduction="none", log_target=True).sum(dim=1)
+    log_p_memory = log_probs(memory_logits)
+    kl = kl_rows(log_probs(clean_logits), log_p_memory)
+    with no_autocast(kl.device):
         if weighting == "difficulty":
             p_true = log_p_memory.gather(1, targets.long().view(-1, 1)).squeeze(1).exp()
             weight = 1.0 - p_true
@@ -65,10 +116,6 @@ def memory_kl_rows(
         else:
             weight = torch.ones_like(kl).detach()
     return kl, weight
-
-
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def memloss_term(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..loss import kl_rows, log_probs, no_autocast, upcast
 from ..model_state import preserved_training_flags as restored_modes
 
 __all__ = [
@@ -191,34 +192,6 @@ def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
             module.track_running_stats = tracking
 
 
-def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """A context that turns autocast off on ``device`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors as fp32; fp32 and fp64 unchanged.
-
-    Example:
-        >>> upcast(torch.zeros(1, dtype=torch.bfloat16)).dtype
-        torch.float32
-    """
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """``log_softmax`` over classes of logits upcast to at least fp32, with autocast off.
-
-    Example:
-        >>> log_probs(torch.tensor([[0.0, 0.0]])).exp()
-        tensor([[0.5000, 0.5000]])
-    """
-    with no_autocast(logits.device):
-        return F.log_softmax(upcast(logits), dim=1)
-
-
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Batch-mean cross-entropy from logits upcast to at least fp32, with autocast off.
 
@@ -228,16 +201,3 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """
     with no_autocast(logits.device):
         return F.nll_loss(log_probs(logits), y.long())
-
-
-def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Per-row ``KL(p || q)`` from log-probabilities (shape ``(B, C)`` -> ``(B,)``).
-
-    Example:
-        >>> log_p = torch.log(torch.tensor([[0.5, 0.5]]))
-        >>> log_q = torch.log(torch.tensor([[0.25, 0.75]]))
-        >>> round(kl_rows(log_p, log_q).item(), 4)  # 0.5 log 2 + 0.5 log(2/3)
-        0.1438
-    """
-    with no_autocast(log_p.device):
-        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1)
