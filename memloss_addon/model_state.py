@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["BNMode", "batchnorm_mode", "preserved_training_flags"]
+__all__ = ["BNMode", "batchnorm_mode", "frozen_running_stats", "preserved_training_flags"]
 
 BNMode = Literal["train", "frozen", "eval"]
 
@@ -60,19 +60,39 @@ def batchnorm_mode(model: nn.Module, mode: BNMode) -> Iterator[None]:
     """
     if mode not in ("train", "frozen", "eval"):
         raise ValueError(f"bn_mode must be 'train', 'frozen' or 'eval', got {mode!r}")
-    touched: list[tuple[_NormBase, bool]] = []
     with preserved_training_flags(model):
-        try:
-            if mode == "eval":
-                model.eval()
-            elif mode == "frozen":
-                for module in model.modules():
-                    if isinstance(module, _NormBase) and module.training:
-                        # In train mode with track_running_stats off, normalization uses the batch's
-                        # statistics and leaves running_mean, running_var and the counter alone.
-                        touched.append((module, module.track_running_stats))
-                        module.track_running_stats = False
+        if mode == "eval":
+            model.eval()
+        with frozen_running_stats(model) if mode == "frozen" else nullcontext():
             yield
-        finally:
-            for module, tracked in touched:
-                module.track_running_stats = tracked
+
+
+@contextmanager
+def frozen_running_stats(model: nn.Module) -> Iterator[None]:
+    """Keeps normalization running statistics untouched, leaving every train/eval flag alone.
+
+    Each normalization layer in train mode gets ``track_running_stats = False`` (restored on
+    exit): it then normalizes with the batch's statistics and leaves ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` alone. Layers in eval mode already use, and never
+    update, their running statistics.
+
+    Example:
+        >>> import torch
+        >>> bn = nn.BatchNorm1d(2)
+        >>> with frozen_running_stats(bn):
+        ...     _ = bn(torch.randn(4, 2))
+        >>> int(bn.num_batches_tracked), bn.track_running_stats
+        (0, True)
+    """
+    touched = [
+        (module, module.track_running_stats)
+        for module in model.modules()
+        if isinstance(module, _NormBase) and module.training
+    ]
+    try:
+        for module, _ in touched:
+            module.track_running_stats = False
+        yield
+    finally:
+        for module, tracked in touched:
+            module.track_running_stats = tracked

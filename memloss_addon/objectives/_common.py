@@ -15,9 +15,9 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..loss import kl_rows, log_probs, no_autocast, upcast
+from ..model_state import frozen_running_stats as frozen_batchnorm_stats
 from ..model_state import preserved_training_flags as restored_modes
 
 __all__ = [
@@ -161,35 +161,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     with restored_modes(model):
         model.eval()
         yield
-
-
-@contextlib.contextmanager
-def frozen_batchnorm_stats(model: nn.Module) -> Iterator[None]:
-    """Keep BatchNorm running statistics untouched while leaving the train/eval flags alone.
-
-    Every BatchNorm layer gets ``track_running_stats = False`` (restored on exit): a layer in
-    train mode then normalizes with batch statistics without updating its running statistics or
-    ``num_batches_tracked``; a layer in eval mode still uses its running statistics.
-
-    Example:
-        >>> bn = torch.nn.BatchNorm1d(2)
-        >>> with frozen_batchnorm_stats(bn):
-        ...     _ = bn(torch.randn(4, 2))
-        >>> int(bn.num_batches_tracked), bn.track_running_stats
-        (0, True)
-    """
-    flags = [
-        (module, module.track_running_stats)
-        for module in model.modules()
-        if isinstance(module, _BatchNorm)
-    ]
-    try:
-        for module, _ in flags:
-            module.track_running_stats = False
-        yield
-    finally:
-        for module, tracking in flags:
-            module.track_running_stats = tracking
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
