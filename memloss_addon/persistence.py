@@ -49,7 +49,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .store import FORMAT_VERSION
+from .store import FORMAT_VERSION, STORAGE_DTYPES
 
 if TYPE_CHECKING:
     from .memory import MemoryWrapper
@@ -78,14 +78,7 @@ _ALIGN = 64
 _CHUNK_BYTES = 16 * 2**20  # streaming granularity: bounds the extra RAM of saving and checking
 _MAX_HEADER_BYTES = 16 * 2**20  # a real header is a few hundred bytes; refuse absurd lengths
 _TENSORS = ("slots", "slot_count", "ring_head")
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int32": torch.int32,
-}
+_DTYPES = {**STORAGE_DTYPES, "int32": torch.int32}  # int32: fill counts and ring heads
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 

@@ -38,6 +38,7 @@ from memloss_addon.datasets import DatasetSplits
 from memloss_addon.memory import MemoryWrapper
 from memloss_addon.models import ModelName, build_model, default_model
 from memloss_addon.persistence import atomic_write
+from memloss_addon.store import STORAGE_DTYPES
 
 __all__ = [
     "METHOD_NAMES",
@@ -298,7 +299,7 @@ def _objective(method: str) -> Callable[..., Any]:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+    return STORAGE_DTYPES[name]
 
 
 class TrainingRun:

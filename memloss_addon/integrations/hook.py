@@ -26,7 +26,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -35,18 +35,14 @@ from torch.utils.data import DataLoader
 from ..data import IndexedDataset
 from ..memory import MemoryWrapper
 from ..persistence import atomic_write
+from ..store import STORAGE_DTYPES
 
 __all__ = ["HookSettings", "TrainingHook", "keep_cuda_calls_on_cpu"]
 
 _LOG = logging.getLogger(__name__)
 
 MemDType = Literal["float32", "float16", "bfloat16", "uint8"]
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-}
+_DTYPES = {name: STORAGE_DTYPES[name] for name in get_args(MemDType)}
 _CHECKPOINT_KEY = "memloss_memory"
 
 

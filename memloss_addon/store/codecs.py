@@ -19,19 +19,40 @@ from typing import Literal, Protocol
 import torch
 
 __all__ = [
+    "STORAGE_DTYPES",
     "Codec",
     "FloatExampleCodec",
     "FloatPerturbationCodec",
     "Int8PerturbationCodec",
     "Mode",
     "Uint8ExampleCodec",
+    "dtype_name",
     "make_codec",
 ]
 
 Mode = Literal["example", "perturbation"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_DTYPES = (*FLOAT_DTYPES, torch.uint8, torch.int8)
+# The storage dtypes by the names used in state dicts, files and command lines.
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+}
+SUPPORTED_DTYPES = tuple(STORAGE_DTYPES.values())
+_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name used in state dicts and messages (``torch.float16`` -> ``"float16"``).
+
+    Example:
+        >>> dtype_name(torch.bfloat16)
+        'bfloat16'
+    """
+    return _NAMES.get(dtype, str(dtype))
 
 
 class Codec(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .codecs import Mode, make_codec
+from .codecs import Mode, dtype_name, make_codec
 from .disk import open_disk_memory
 from .placement import PendingRead, TensorStore
 from .slots import ReadPlan, SlotRing
@@ -22,19 +22,6 @@ from .slots import ReadPlan, SlotRing
 __all__ = ["MemoryRead", "MemoryStore", "estimate_nbytes", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.uint8: "uint8",
-    torch.int8: "int8",
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The short name used in state dicts and messages (``torch.float16`` -> ``"float16"``)."""
-    return _DTYPE_NAMES.get(dtype, str(dtype))
 
 
 def estimate_nbytes(
