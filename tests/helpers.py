@@ -1,8 +1,9 @@
-"""Small models and a plain-loop reference of the MemLoss term, independent of the library."""
+"""Small models and plain-loop references (MemLoss term, L-inf PGD), independent of the library."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -80,3 +81,22 @@ def adversarial_stand_in(x: torch.Tensor, epoch: int, eps: float = 0.1) -> torch
     """A deterministic perturbation, different each epoch, inside the eps-ball and [0, 1]."""
     signs = torch.sign(torch.sin(x * 37.0 + epoch))
     return (x + eps * signs).clamp(0.0, 1.0)
+
+
+def plain_pgd(model, x, y, *, eps, alpha, steps, loss, start):
+    """Textbook L-inf PGD: sign steps on the summed loss, clip to the ball, then to [0, 1]."""
+    adv = start.clone()
+    rows = torch.arange(len(y))
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        z = model(adv)
+        if loss == "ce":
+            objective = F.cross_entropy(z, y, reduction="sum")
+        else:
+            others = z.clone()
+            others[rows, y] = float("-inf")
+            objective = (others.max(dim=1).values - z[rows, y]).sum()
+        (grad,) = torch.autograd.grad(objective, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = torch.max(torch.min(adv, x + eps), x - eps).clamp(0.0, 1.0)
+    return adv.detach()

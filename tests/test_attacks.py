@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memloss_addon.attacks import (
@@ -24,30 +23,12 @@ from memloss_addon.attacks import (
     project_linf,
     run_attack_chain,
 )
+from tests.helpers import plain_pgd
 
 
 def small_net() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
-
-
-def plain_pgd(model, x, y, *, eps, alpha, steps, loss, start):
-    """Textbook L-inf PGD: sign steps on the summed loss, clip to the ball, then to [0, 1]."""
-    adv = start.clone()
-    rows = torch.arange(len(y))
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        z = model(adv)
-        if loss == "ce":
-            objective = F.cross_entropy(z, y, reduction="sum")
-        else:
-            others = z.clone()
-            others[rows, y] = float("-inf")
-            objective = (others.max(dim=1).values - z[rows, y]).sum()
-        (grad,) = torch.autograd.grad(objective, adv)
-        adv = adv.detach() + alpha * grad.sign()
-        adv = torch.max(torch.min(adv, x + eps), x - eps).clamp(0.0, 1.0)
-    return adv.detach()
 
 
 def separated_linear_problem(seed: int = 0):

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from memloss_addon.attacks import AutoAttackConfig
 from memloss_addon.evaluate import evaluate
+from tests.helpers import plain_pgd
 
 TINY_AUTOATTACK = AutoAttackConfig(
     apgd_steps=3, apgdt_steps=3, fab_steps=3, square_queries=10, n_target_classes=3
@@ -52,19 +52,7 @@ def plain_pgd_accuracy(model, data, *, eps, alpha, steps, loss, seed=None):
             adv = x.clone()
         else:
             adv = (x + eps * (2 * torch.rand(x.shape, generator=gen) - 1)).clamp(0, 1)
-        rows = torch.arange(len(y))
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            z = model(adv)
-            if loss == "ce":
-                objective = F.cross_entropy(z, y, reduction="sum")
-            else:
-                others = z.clone()
-                others[rows, y] = float("-inf")
-                objective = (others.max(dim=1).values - z[rows, y]).sum()
-            (grad,) = torch.autograd.grad(objective, adv)
-            adv = torch.max(torch.min(adv.detach() + alpha * grad.sign(), x + eps), x - eps)
-            adv = adv.clamp(0, 1)
+        adv = plain_pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, loss=loss, start=adv)
         with torch.no_grad():
             correct += int((model(adv).argmax(1) == y).sum())
         total += len(y)
