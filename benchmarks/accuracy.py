@@ -3,8 +3,9 @@
 Usage:
     python benchmarks/accuracy.py [--smoke] [--jobs N] [--seeds N] [--out DIR]
 
-Every run trains the default digits model (``memloss_addon.models``, an MLP with BatchNorm) with
-``memloss_addon.training.TrainingRun`` and evaluates it with ``memloss_addon.evaluate``:
+Every run trains the default digits model (``memloss_addon.experiments.models``, an MLP with
+BatchNorm) with ``memloss_addon.experiments.training.TrainingRun`` and evaluates it with
+``memloss_addon.experiments.evaluate``:
 
 - main comparison: PGD-AT, TRADES, MART, HAT, ST (squeeze) and single-step, each without and with
   MemLoss (beta' = 2, depth 1, difficulty weighting, float32 examples), on every seed;
@@ -123,9 +124,9 @@ def slug(spec: RunSpec) -> str:
 
 def train_task(study: Study, spec: RunSpec, models_dir: str) -> dict[str, Any]:
     """Trains one model, measures clean and PGD-20 accuracy and saves the weights (a worker)."""
-    from memloss_addon.datasets import load_digits
-    from memloss_addon.evaluate import evaluate
-    from memloss_addon.training import TrainConfig, TrainingRun
+    from memloss_addon.experiments.datasets import load_digits
+    from memloss_addon.experiments.evaluate import evaluate
+    from memloss_addon.experiments.training import TrainConfig, TrainingRun
 
     torch.set_num_threads(1)
     splits = load_digits()
@@ -169,10 +170,10 @@ def train_task(study: Study, spec: RunSpec, models_dir: str) -> dict[str, Any]:
 
 def autoattack_task(study: Study, spec: RunSpec, model_path: str) -> dict[str, Any]:
     """AutoAttack accuracy of a saved model on the first ``aa_samples`` test digits (a worker)."""
-    from memloss_addon.attacks import AutoAttackConfig
-    from memloss_addon.datasets import load_digits
-    from memloss_addon.evaluate import evaluate
-    from memloss_addon.models import build_model
+    from memloss_addon.experiments.attacks import AutoAttackConfig
+    from memloss_addon.experiments.datasets import load_digits
+    from memloss_addon.experiments.evaluate import evaluate
+    from memloss_addon.experiments.models import build_model
 
     torch.set_num_threads(1)
     splits = load_digits()

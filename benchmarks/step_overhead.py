@@ -4,8 +4,9 @@ Usage:
     python benchmarks/step_overhead.py [--smoke] [--json PATH] [--reps N] [--batch B]
 
 For each base method (TRADES-10, PGD-AT-10, MART-10, HAT-10, ST-10 and single-step), one model
-(``memloss_addon.models.SmallResNet``, about 0.2M parameters) trains on random 3x32x32 data with
-SGD, and these steps are timed interleaved, in a rotating order, in every repetition:
+(``memloss_addon.experiments.models.SmallResNet``, about 0.2M parameters) trains on random
+3x32x32 data with SGD, and these steps are timed interleaved, in a rotating order, in every
+repetition:
 
 - ``base``: the reference objective, ``backward()`` and an optimizer step;
 - ``memory dK``: the same plus a ``MemoryWrapper`` call of depth K = 1, 2, 4 whose slots are all
@@ -61,7 +62,7 @@ from _common import RESULTS_DIR, print_metadata, run_metadata, write_json
 from torch.nn.parallel import DistributedDataParallel
 
 from memloss_addon import MemoryWrapper, objectives
-from memloss_addon.models import SmallResNet
+from memloss_addon.experiments.models import SmallResNet
 
 EPS = 8 / 255
 TARGET = ("TRADES-10", 1.10)
@@ -272,6 +273,9 @@ def distributed_worker(rank: int, config: dict[str, Any], folder: str) -> None:
                         comm[variant].append(memories[variant].stats()["comm_bytes_last_step"])
         result = {"wall_seconds": wall, "cpu_seconds": cpu, "comm_bytes": comm}
         Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+        # Without this a rank can tear down its gloo threads while its peer is still in the last
+        # collective, which aborts the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,10 @@
 """memloss-addon: MemLoss as a drop-in add-on for existing adversarial-training code.
 
+The add-on is what a training loop imports: :class:`MemoryWrapper` (the memory and its term),
+:class:`IndexedDataset` (dataset indices for the loader), the term as pure functions of logits,
+and the atomic writer and file error of saving. It needs torch and numpy only; the experiments
+(:mod:`memloss_addon.experiments`) are apart and never imported from here.
+
 Example:
     >>> import torch
     >>> from memloss_addon import MemoryWrapper
@@ -13,6 +18,16 @@ Example:
 from .data import IndexedDataset
 from .loss import memloss_term, memory_kl_rows
 from .memory import MemoryWrapper
+from .store.file_format import MemoryFileError
+from .store.files import atomic_write
 from .version import __version__
 
-__all__ = ["IndexedDataset", "MemoryWrapper", "__version__", "memloss_term", "memory_kl_rows"]
+__all__ = [
+    "IndexedDataset",
+    "MemoryFileError",
+    "MemoryWrapper",
+    "__version__",
+    "atomic_write",
+    "memloss_term",
+    "memory_kl_rows",
+]

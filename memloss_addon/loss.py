@@ -15,13 +15,14 @@ asked otherwise.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice
+from .options import WEIGHTINGS, Weighting
+
 __all__ = [
-    "Weighting",
     "kl_rows",
     "log_probs",
     "memloss_term",
@@ -29,8 +30,6 @@ __all__ = [
     "no_autocast",
     "upcast",
 ]
-
-Weighting = Literal["difficulty", "none"]
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -103,8 +102,7 @@ def memory_kl_rows(
         >>> float(kl), round(float(w), 4)
         (0.0, 0.1192)
     """
-    if weighting not in ("difficulty", "none"):
-        raise ValueError(f"weighting must be 'difficulty' or 'none', got {weighting!r}")
+    check_choice("weighting", weighting, WEIGHTINGS)
     log_p_memory = log_probs(memory_logits)
     kl = kl_rows(log_probs(clean_logits), log_p_memory)
     with no_autocast(kl.device):

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loss import Weighting, memloss_term
-from .model_state import BNMode, batchnorm_mode
-from .persistence import PathLike, load_memory, save_memory
+from .checks import check_batch, check_choice, check_indices, check_shape, positive_int
+from .loss import memloss_term
+from .model_state import batchnorm_mode
+from .options import BN_MODES, WEIGHTINGS, BNMode, Distribution, Mode, Weighting
 from .store import FORMAT_VERSION, dtype_name, estimate_nbytes, resolve_device
-from .store.codecs import Mode
-from .store.distributed import Distribution
 from .store.factory import make_store
-from .validation import check_batch, check_indices
+from .store.file_format import MemoryFileError, mapped_memory_file, write_memory_file
+from .store.files import PathLike
 
 __all__ = ["MemoryWrapper"]
 
@@ -116,13 +116,11 @@ class MemoryWrapper:
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
-        num_samples = _positive_int("num_samples", num_samples)
-        sample_shape = _shape("sample_shape", sample_shape)
-        depth = _positive_int("depth", depth)
-        if weighting not in ("difficulty", "none"):
-            raise ValueError(f"weighting must be 'difficulty' or 'none', got {weighting!r}")
-        if bn_mode not in ("train", "frozen", "eval"):
-            raise ValueError(f"bn_mode must be 'train', 'frozen' or 'eval', got {bn_mode!r}")
+        num_samples = positive_int("num_samples", num_samples)
+        sample_shape = check_shape("sample_shape", sample_shape)
+        depth = positive_int("depth", depth)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("bn_mode", bn_mode, BN_MODES)
         if not isinstance(detach_weight, bool):
             raise TypeError(f"detach_weight must be a bool, got {detach_weight!r}")
         if logits_fn is not None and not callable(logits_fn):
@@ -221,9 +219,9 @@ class MemoryWrapper:
             307600000
         """
         return estimate_nbytes(
-            _positive_int("num_samples", num_samples),
-            _shape("sample_shape", sample_shape),
-            depth=_positive_int("depth", depth),
+            positive_int("num_samples", num_samples),
+            check_shape("sample_shape", sample_shape),
+            depth=positive_int("depth", depth),
             dtype=dtype,
         )
 
@@ -497,9 +495,9 @@ class MemoryWrapper:
 
         A crash at any moment leaves either the previous file or the new one. The file holds a
         JSON header (configuration, counters, format version) and the raw slots with a CRC-32;
-        see :mod:`memloss_addon.persistence` for the layout. The model is not saved.
+        see :mod:`memloss_addon.store.file_format` for the layout. The model is not saved.
         """
-        save_memory(self, path)
+        write_memory_file(self.state_dict(), path)
 
     def load(self, path: PathLike, *, strict: bool = True) -> None:
         """Loads a file written by :meth:`save`, after checking all of it; never unpickles.
@@ -512,7 +510,11 @@ class MemoryWrapper:
             MemoryFileError: (a ``ValueError``) another format, a damaged or truncated file, or
                 another configuration. The memory is left unchanged.
         """
-        load_memory(self, path, strict=strict)
+        with mapped_memory_file(path) as state:
+            try:
+                self.load_state_dict(state, strict=strict)
+            except (TypeError, ValueError) as error:
+                raise MemoryFileError(f"{os.fspath(path)}: {error}") from error
 
 
 def _check_counters(counters: object) -> dict[str, Any]:
@@ -526,21 +528,3 @@ def _check_counters(counters: object) -> dict[str, Any]:
         if not isinstance(counters.get(key), (int, float)):
             raise ValueError(f"memory state counter {key!r} must be a number")
     return counters
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _shape(name: str, value: object) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    if not isinstance(value, (tuple, list, torch.Size)) or not value:
-        raise TypeError(f"{name} must be a non-empty tuple of ints, got {value!r}")
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        raise ValueError(f"{name} must hold positive ints, got {tuple(value)!r}")
-    return tuple(value)

@@ -1,17 +1,30 @@
-"""Context managers that run a model in a chosen mode and leave every flag exactly as found."""
+"""Context managers that run a model in a chosen mode and leave every flag exactly as found.
+
+The one place for module-state guards: training flags (:func:`preserved_training_flags`,
+:func:`eval_mode`), normalization statistics (:func:`frozen_running_stats`,
+:func:`batchnorm_mode`) and parameter gradients (:func:`frozen_parameters`). Each records what it
+touches and puts it back in a ``finally`` block, so the model is left as found even when the
+block raises.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Literal
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["BNMode", "batchnorm_mode", "frozen_running_stats", "preserved_training_flags"]
+from .checks import check_choice
+from .options import BN_MODES, BNMode
 
-BNMode = Literal["train", "frozen", "eval"]
+__all__ = [
+    "batchnorm_mode",
+    "eval_mode",
+    "frozen_parameters",
+    "frozen_running_stats",
+    "preserved_training_flags",
+]
 
 
 @contextmanager
@@ -29,12 +42,59 @@ def preserved_training_flags(model: nn.Module) -> Iterator[None]:
         >>> [m.training for m in net.modules()]
         [True, True, False]
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     flags = [(module, module.training) for module in model.modules()]
     try:
         yield
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Puts ``model`` and all its submodules in eval mode; restores every flag on exit.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> with eval_mode(net):
+        ...     net[1].training
+        False
+        >>> net[1].training
+        True
+    """
+    with preserved_training_flags(model):
+        model.eval()
+        yield
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Switches off ``requires_grad`` on all parameters of ``model``; restores each flag on exit.
+
+    Gradients with respect to the inputs still flow. Attacks run inside this block cannot touch
+    the parameters' ``.grad`` (so an evaluation between ``backward()`` and ``step()`` is harmless)
+    and skip the work of computing parameter gradients.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with frozen_parameters(net):
+        ...     net.weight.requires_grad
+        False
+        >>> net.weight.requires_grad
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 @contextmanager
@@ -58,8 +118,7 @@ def batchnorm_mode(model: nn.Module, mode: BNMode) -> Iterator[None]:
         >>> net.running_mean.tolist(), int(net.num_batches_tracked), net.track_running_stats
         ([0.0, 0.0], 0, True)
     """
-    if mode not in ("train", "frozen", "eval"):
-        raise ValueError(f"bn_mode must be 'train', 'frozen' or 'eval', got {mode!r}")
+    check_choice("bn_mode", mode, BN_MODES)
     with preserved_training_flags(model):
         if mode == "eval":
             model.eval()

@@ -26,7 +26,7 @@ from torch import nn
 
 from memloss_addon import MemoryWrapper
 from memloss_addon.objectives import pgd_at
-from memloss_addon.persistence import atomic_write
+from memloss_addon.store.files import atomic_write
 
 NUM_SAMPLES, FEATURES, CLASSES = 40, 6, 3
 BATCH, EPOCHS, CHECKPOINT_EVERY = 8, 4, 3

@@ -10,19 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from memloss_addon.attacks import (
+from memloss_addon.experiments.attacks import (
     AutoAttackConfig,
     autoattack_linf,
     build_autoattack,
     cw_margin_loss,
-    frozen_parameters,
     import_torchattacks,
     pgd_linf,
-    preserve_module_modes,
     preserve_rng_state,
-    project_linf,
     run_attack_chain,
 )
+from memloss_addon.model_state import frozen_parameters, preserved_training_flags
+from memloss_addon.objectives.pgd import project_linf
 from tests.helpers import plain_pgd
 
 
@@ -205,17 +204,17 @@ def test_preserve_rng_state_restores_every_generator_even_on_error():
     assert after[2] == np.random.rand()
 
 
-def test_preserve_module_modes_keeps_per_module_freezes():
+def test_preserved_training_flags_keeps_per_module_freezes():
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Sequential(nn.Dropout(), nn.ReLU()))
     net.train()
     net[1].eval()  # a user-frozen BatchNorm
     net[2][0].eval()
     before = [m.training for m in net.modules()]
-    with pytest.raises(RuntimeError), preserve_module_modes(net):
+    with pytest.raises(RuntimeError), preserved_training_flags(net):
         net.train()
         raise RuntimeError
     assert [m.training for m in net.modules()] == before
-    with preserve_module_modes(net):
+    with preserved_training_flags(net):
         net.eval()
     assert [m.training for m in net.modules()] == before == [True, True, False, True, False, True]
 
@@ -229,7 +228,7 @@ def test_frozen_parameters_restores_each_flag():
 
 
 def test_guards_reject_non_modules():
-    with pytest.raises(TypeError, match="Module"), preserve_module_modes(lambda x: x):
+    with pytest.raises(TypeError, match="Module"), preserved_training_flags(lambda x: x):
         pass
 
 

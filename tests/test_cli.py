@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from memloss_addon import cli
-from memloss_addon.datasets import load_digits
-from memloss_addon.models import build_model
-from memloss_addon.training import TrainConfig, TrainingRun
+from memloss_addon.experiments import cli
+from memloss_addon.experiments.datasets import load_digits
+from memloss_addon.experiments.models import build_model
+from memloss_addon.experiments.training import TrainConfig, TrainingRun
 
 pytest.importorskip("sklearn")
 
@@ -219,7 +219,7 @@ def test_bad_choice_is_a_usage_error(capsys):
 
 
 def test_patch_subcommand_is_registered_when_available(capsys):
-    pytest.importorskip("memloss_addon.patching")
+    pytest.importorskip("memloss_addon.experiments.patching")
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(["patch", "--help"])
     assert info.value.code == 0

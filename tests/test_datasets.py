@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from memloss_addon.datasets import (
+from memloss_addon.experiments.datasets import (
     DatasetNotFoundError,
     load_dataset,
     load_digits,

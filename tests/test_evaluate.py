@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from memloss_addon.attacks import AutoAttackConfig
-from memloss_addon.evaluate import evaluate
+from memloss_addon.experiments.attacks import AutoAttackConfig
+from memloss_addon.experiments.evaluate import evaluate
 from tests.helpers import plain_pgd
 
 TINY_AUTOATTACK = AutoAttackConfig(

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memloss_addon.integrations.specs import PATCHES, SHIM_PATH, Edit, RepoPatch
-from memloss_addon.patching import (
+from memloss_addon.experiments.patching import (
     STATE_FILE,
     PatchError,
     add_patch_subcommand,
@@ -25,6 +24,7 @@ from memloss_addon.patching import (
     main,
     revert_patch,
 )
+from memloss_addon.integrations.specs import PATCHES, SHIM_PATH, Edit, RepoPatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -313,7 +313,7 @@ def test_main_refuses_with_exit_code_2(tmp_path, capsys):
 
 def test_module_runs_as_a_script(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "memloss_addon.patching", "mart", str(tmp_path)],
+        [sys.executable, "-m", "memloss_addon.experiments.patching", "mart", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memloss_addon import MemoryWrapper
-from memloss_addon.persistence import MemoryFileError, atomic_write, read_header
+from memloss_addon import MemoryFileError, MemoryWrapper, atomic_write
+from memloss_addon.store.file_format import read_header
 from tests.conftest import requires_cuda
 from tests.helpers import adversarial_stand_in, epoch_batches
 
@@ -425,7 +425,8 @@ KILLED_SAVER = textwrap.dedent(
     import os, sys, time
     import torch
     from torch import nn
-    from memloss_addon import MemoryWrapper, persistence
+    from memloss_addon import MemoryWrapper
+    from memloss_addon.store import file_format as persistence
 
     path, point = sys.argv[1], sys.argv[2]
     memory = MemoryWrapper(nn.Identity(), 4096, (64,), beta_prime=0.0)

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from memloss_addon import IndexedDataset
-from memloss_addon.datasets import DatasetSplits
-from memloss_addon.training import (
+from memloss_addon.experiments.datasets import DatasetSplits
+from memloss_addon.experiments.training import (
     TrainConfig,
     TrainingRun,
     load_checkpoint,

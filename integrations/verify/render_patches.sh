@@ -12,7 +12,7 @@ for name in trades mart hat st; do
   git -C "$scratch" init --quiet
   git -C "$scratch" add -A
   git -C "$scratch" -c user.name=render -c user.email=render@localhost commit --quiet -m pristine
-  "$PYTHON" -m memloss_addon.patching "$name" "$scratch" >/dev/null
+  "$PYTHON" -m memloss_addon.experiments.patching "$name" "$scratch" >/dev/null
   git -C "$scratch" add -N memloss_shim.py
   git -C "$scratch" diff -U0 -- . ':!.memloss-patch.json' \
     | sed -E 's/^(@@ [^@]+ @@).*/\1/' >"$HERE/../$name/memloss.patch"

@@ -92,14 +92,14 @@ for name in trades mart hat st; do
 
   # Patch round trip on a scratch copy: apply, apply again (no-op), revert, compare bytes.
   trip="$WORK/runs/roundtrip-$name"; cp -r "$pristine" "$trip"
-  "$PYTHON" -m memloss_addon.patching "$name" "$trip" >>"$WORK/logs/patch-$name.txt"
-  "$PYTHON" -m memloss_addon.patching "$name" "$trip" >>"$WORK/logs/patch-$name.txt"
-  "$PYTHON" -m memloss_addon.patching "$name" "$trip" --revert >>"$WORK/logs/patch-$name.txt"
+  "$PYTHON" -m memloss_addon.experiments.patching "$name" "$trip" >>"$WORK/logs/patch-$name.txt"
+  "$PYTHON" -m memloss_addon.experiments.patching "$name" "$trip" >>"$WORK/logs/patch-$name.txt"
+  "$PYTHON" -m memloss_addon.experiments.patching "$name" "$trip" --revert >>"$WORK/logs/patch-$name.txt"
   diff -r "$pristine" "$trip" >/dev/null && roundtrip=exact || roundtrip=DIFFERENT
 
   unpatched="$WORK/runs/unpatched-$name"; patched="$WORK/runs/patched-$name"
   cp -r "$pristine" "$unpatched"; cp -r "$pristine" "$patched"
-  "$PYTHON" -m memloss_addon.patching "$name" "$patched" >>"$WORK/logs/patch-$name.txt"
+  "$PYTHON" -m memloss_addon.experiments.patching "$name" "$patched" >>"$WORK/logs/patch-$name.txt"
   changed=$( (cd "$WORK/runs" && git diff --no-index --numstat "pristine-$name" "patched-$name" \
     || true) | grep -v -E 'memloss_shim.py|\.memloss-patch.json' | awk '{s += $1 + $2} END {print s}')
 

@@ -2,7 +2,7 @@
 
 ``specs`` holds the patches (anchored edits plus one new file), ``hook`` the runtime object the
 patched lines call. Apply a patch with ``memloss patch <name> PATH`` (see
-:mod:`memloss_addon.patching`).
+:mod:`memloss_addon.experiments.patching`).
 """
 
 from .hook import HookSettings, TrainingHook, keep_cuda_calls_on_cpu

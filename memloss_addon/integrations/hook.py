@@ -26,23 +26,25 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checks import check_choice
 from ..data import IndexedDataset
 from ..memory import MemoryWrapper
-from ..persistence import atomic_write
+from ..options import STORAGE_DTYPE_NAMES, WEIGHTINGS, StorageDtypeName, Weighting
 from ..store import STORAGE_DTYPES
+from ..store.files import atomic_write
 
 __all__ = ["HookSettings", "TrainingHook", "keep_cuda_calls_on_cpu"]
 
 _LOG = logging.getLogger(__name__)
 
-MemDType = Literal["float32", "float16", "bfloat16", "uint8"]
-_DTYPES = {name: STORAGE_DTYPES[name] for name in get_args(MemDType)}
+# int8 stores perturbations only, which the patched repositories do not use.
+_DTYPE_CHOICES = tuple(name for name in STORAGE_DTYPE_NAMES if name != "int8")
 _CHECKPOINT_KEY = "memloss_memory"
 
 
@@ -69,17 +71,15 @@ class HookSettings:
 
     beta_prime: float = 2.0
     depth: int = 1
-    dtype: MemDType = "float32"
-    weighting: Literal["difficulty", "none"] = "difficulty"
+    dtype: StorageDtypeName = "float32"
+    weighting: Weighting = "difficulty"
     eps: float | None = None
     device: str | None = None
     resume: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.weighting not in ("difficulty", "none"):
-            raise ValueError(f"weighting must be 'difficulty' or 'none', got {self.weighting!r}")
+        check_choice("dtype", self.dtype, _DTYPE_CHOICES)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
 
 
 class TrainingHook:
@@ -132,13 +132,13 @@ class TrainingHook:
         )
         group.add_argument(
             "--mem-dtype",
-            choices=sorted(_DTYPES),
+            choices=_DTYPE_CHOICES,
             default="float32",
             help="storage dtype of the memory",
         )
         group.add_argument(
             "--mem-weighting",
-            choices=["difficulty", "none"],
+            choices=WEIGHTINGS,
             default="difficulty",
             help="per-example weight of the term",
         )
@@ -285,7 +285,7 @@ class TrainingHook:
             beta_prime=settings.beta_prime,
             depth=settings.depth,
             weighting=settings.weighting,
-            dtype=_DTYPES[settings.dtype],
+            dtype=STORAGE_DTYPES[settings.dtype],
             device=settings.device if settings.device is not None else x.device,
             eps=settings.eps,
         )

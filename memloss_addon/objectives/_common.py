@@ -1,40 +1,16 @@
-"""Shared pieces of the base objectives: the result type, checks, projection and mode guards.
-
-The mode guards record every flag they touch and put it back in a ``finally`` block, so an attack
-leaves the model exactly as it found it even when the forward pass raises.
-"""
+"""Shared pieces of the base objectives: the result type, argument checks and the clean loss."""
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..loss import kl_rows, log_probs, no_autocast, upcast
-from ..model_state import frozen_running_stats as frozen_batchnorm_stats
-from ..model_state import preserved_training_flags as restored_modes
+from ..checks import finite_number, positive_int
+from ..loss import log_probs, no_autocast
 
-__all__ = [
-    "ObjectiveOutput",
-    "check_attack_args",
-    "check_batch",
-    "check_weight",
-    "cross_entropy",
-    "eval_mode",
-    "frozen_batchnorm_stats",
-    "kl_rows",
-    "log_probs",
-    "no_autocast",
-    "project_linf",
-    "restored_modes",
-    "upcast",
-]
+__all__ = ["ObjectiveOutput", "check_attack_args", "check_inputs", "cross_entropy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,32 +35,6 @@ class ObjectiveOutput:
     logits: torch.Tensor
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _check_number(name: str, value: object) -> None:
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-
-
-def check_weight(name: str, value: float) -> float:
-    """Return ``value`` as a float after checking it is a finite number ``>= 0``.
-
-    Raises:
-        TypeError: ``value`` is not a real number (``bool`` included).
-        ValueError: ``value`` is negative, infinite or NaN.
-
-    Example:
-        >>> check_weight("beta", 6)
-        6.0
-    """
-    _check_number(name, value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 def check_attack_args(*, eps: float, step_size: float, steps: int) -> None:
     """Check the L-inf attack settings shared by all objectives.
 
@@ -96,17 +46,12 @@ def check_attack_args(*, eps: float, step_size: float, steps: int) -> None:
     Example:
         >>> check_attack_args(eps=8 / 255, step_size=2 / 255, steps=10)
     """
-    check_weight("eps", eps)
-    _check_number("step_size", step_size)
-    if not math.isfinite(step_size) or step_size <= 0:
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool):
-        raise TypeError(f"steps must be an int, got {steps!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    finite_number("eps", eps)
+    finite_number("step_size", step_size, positive=True)
+    positive_int("steps", steps)
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     """Check a batch: floating inputs in ``[0, 1]`` and one integer label per input.
 
     The range check reads two numbers back from the device: inputs normalized outside ``[0, 1]``
@@ -114,7 +59,7 @@ def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
     normalization inside the model instead).
 
     Example:
-        >>> check_batch(torch.rand(2, 3), torch.tensor([0, 1]))
+        >>> check_inputs(torch.rand(2, 3), torch.tensor([0, 1]))
     """
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
@@ -134,33 +79,6 @@ def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
             f"x must lie in [0, 1] (put input normalization inside the model), got values in "
             f"[{low}, {high}]"
         )
-
-
-def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Project onto ``{x' : |x' - x|_inf <= eps}``, then clip to ``[0, 1]``.
-
-    Example:
-        >>> project_linf(torch.tensor([0.5, 0.9, 0.0]), torch.tensor([0.2, 0.95, 0.05]), 0.1)
-        tensor([0.3000, 0.9000, 0.0000])
-    """
-    return torch.clamp(torch.clamp(x_adv, x - eps, x + eps), 0.0, 1.0)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` and all its submodules in eval mode; restore every flag on exit.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
-        >>> with eval_mode(net):
-        ...     net[1].training
-        False
-        >>> net[1].training
-        True
-    """
-    with restored_modes(model):
-        model.eval()
-        yield
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

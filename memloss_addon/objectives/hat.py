@@ -8,17 +8,11 @@ from numbers import Real
 import torch
 from torch import nn
 
-from ._attacks import kl_attack
-from ._common import (
-    ObjectiveOutput,
-    check_attack_args,
-    check_batch,
-    check_weight,
-    cross_entropy,
-    eval_mode,
-    kl_rows,
-    log_probs,
-)
+from ..checks import finite_number
+from ..loss import kl_rows, log_probs
+from ..model_state import eval_mode
+from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
+from .pgd import kl_attack
 
 __all__ = ["hat"]
 
@@ -91,15 +85,15 @@ def hat(
         True
     """
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
-    beta = check_weight("beta", beta)
-    gamma = check_weight("gamma", gamma)
+    beta = finite_number("beta", beta)
+    gamma = finite_number("gamma", gamma)
     if isinstance(h, bool) or not isinstance(h, Real):
         raise TypeError(f"h must be a real number, got {h!r}")
     if not math.isfinite(h):
         raise ValueError(f"h must be a finite number, got {h!r}")
     if not isinstance(helper, nn.Module):
         raise TypeError(f"helper must be a torch.nn.Module, got {type(helper).__name__}")
-    check_batch(x, y)
+    check_inputs(x, y)
     with eval_mode(model):
         adv = kl_attack(model, x, eps=eps, step_size=step_size, steps=steps)
     with eval_mode(helper), torch.no_grad():

@@ -5,18 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._attacks import ce_attack
-from ._common import (
-    ObjectiveOutput,
-    check_attack_args,
-    check_batch,
-    check_weight,
-    cross_entropy,
-    eval_mode,
-    kl_rows,
-    log_probs,
-    no_autocast,
-)
+from ..checks import finite_number
+from ..loss import kl_rows, log_probs, no_autocast
+from ..model_state import eval_mode
+from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
+from .pgd import ce_attack
 
 __all__ = ["mart"]
 
@@ -85,8 +78,8 @@ def mart(
         (torch.Size([]), True, False)
     """
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
-    beta = check_weight("beta", beta)
-    check_batch(x, y)
+    beta = finite_number("beta", beta)
+    check_inputs(x, y)
     x_clean = x.detach()
     start = x_clean + 0.001 * torch.randn_like(x_clean)
     with eval_mode(model):

@@ -5,16 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._attacks import ce_attack
-from ._common import (
-    ObjectiveOutput,
-    check_attack_args,
-    check_batch,
-    cross_entropy,
-    eval_mode,
-    frozen_batchnorm_stats,
-    project_linf,
-)
+from ..model_state import eval_mode, frozen_running_stats
+from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
+from .pgd import ce_attack, project_linf
 
 __all__ = ["pgd_at"]
 
@@ -71,12 +64,12 @@ def pgd_at(
         (True, torch.Size([8, 3]))
     """
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
-    check_batch(x, y)
+    check_inputs(x, y)
     x_clean = x.detach()
     start = project_linf(x_clean + eps * (2.0 * torch.rand_like(x_clean) - 1.0), x_clean, eps)
     with eval_mode(model):
         adv = ce_attack(model, x_clean, y, start, eps=eps, step_size=step_size, steps=steps)
     loss = cross_entropy(model(adv), y)
-    with frozen_batchnorm_stats(model):
+    with frozen_running_stats(model):
         logits = model(x)
     return ObjectiveOutput(loss=loss, adv=adv, logits=logits)

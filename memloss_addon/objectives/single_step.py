@@ -5,18 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._attacks import ce_attack
-from ._common import (
-    ObjectiveOutput,
-    check_attack_args,
-    check_batch,
-    check_weight,
-    cross_entropy,
-    frozen_batchnorm_stats,
-    no_autocast,
-    project_linf,
-    upcast,
-)
+from ..checks import finite_number
+from ..loss import no_autocast, upcast
+from ..model_state import frozen_running_stats
+from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
+from .pgd import ce_attack, project_linf
 
 __all__ = ["single_step"]
 
@@ -86,11 +79,11 @@ def single_step(
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
     if steps != 1:
         raise ValueError(f"single_step takes exactly one step, got steps={steps!r}")
-    reg_weight = check_weight("reg_weight", reg_weight)
-    check_batch(x, y)
+    reg_weight = finite_number("reg_weight", reg_weight)
+    check_inputs(x, y)
     x_clean = x.detach()
     start = project_linf(x_clean + eps * (2.0 * torch.rand_like(x_clean) - 1.0), x_clean, eps)
-    with frozen_batchnorm_stats(model):
+    with frozen_running_stats(model):
         adv = ce_attack(model, x_clean, y, start, eps=eps, step_size=step_size, steps=1)
         if reg_weight > 0:
             fgsm = ce_attack(model, x_clean, y, x_clean, eps=eps, step_size=eps, steps=1)
@@ -102,6 +95,6 @@ def single_step(
         with no_autocast(adv_logits.device):
             gap = upcast(fgsm_logits) - upcast(adv_logits)
             loss = loss + reg_weight * gap.pow(2).sum(dim=1).mean()
-    with frozen_batchnorm_stats(model):
+    with frozen_running_stats(model):
         logits = model(x)
     return ObjectiveOutput(loss=loss, adv=adv, logits=logits)

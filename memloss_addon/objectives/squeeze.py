@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import (
-    ObjectiveOutput,
-    check_attack_args,
-    check_batch,
-    check_weight,
-    cross_entropy,
-    frozen_batchnorm_stats,
-    kl_rows,
-    log_probs,
-    project_linf,
-)
+from ..checks import finite_number
+from ..loss import kl_rows, log_probs
+from ..model_state import frozen_running_stats
+from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
+from .pgd import project_linf
 
 __all__ = ["squeeze"]
 
@@ -116,13 +110,13 @@ def squeeze(
         (torch.Size([]), True)
     """
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
-    beta = check_weight("beta", beta)
-    check_batch(x, y)
+    beta = finite_number("beta", beta)
+    check_inputs(x, y)
     x_clean = x.detach()
     x_adv = x_clean + 0.001 * torch.randn_like(x_clean)
     x_col = x_clean + 0.001 * torch.randn_like(x_clean)
 
-    with frozen_batchnorm_stats(model), torch.enable_grad():
+    with frozen_running_stats(model), torch.enable_grad():
         with torch.no_grad():
             clean_logits = model(x_clean)
         for _ in range(steps):
@@ -153,7 +147,7 @@ def squeeze(
             x_adv, x_col = project_linf(x_adv, x_clean, eps), project_linf(x_col, x_clean, eps)
     x_adv, x_col = x_adv.detach(), x_col.detach()
 
-    with frozen_batchnorm_stats(model):
+    with frozen_running_stats(model):
         col_logits = model(x_col)
     logits = model(x)
     adv_logits = model(x_adv)

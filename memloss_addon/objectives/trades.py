@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._attacks import kl_attack
-from ._common import (
-    ObjectiveOutput,
-    check_attack_args,
-    check_batch,
-    check_weight,
-    cross_entropy,
-    eval_mode,
-    kl_rows,
-    log_probs,
-)
+from ..checks import finite_number
+from ..loss import kl_rows, log_probs
+from ..model_state import eval_mode
+from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
+from .pgd import kl_attack
 
 __all__ = ["trades"]
 
@@ -83,8 +77,8 @@ def trades(
         >>> out.loss.backward()
     """
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
-    beta = check_weight("beta", beta)
-    check_batch(x, y)
+    beta = finite_number("beta", beta)
+    check_inputs(x, y)
     with eval_mode(model):
         adv = kl_attack(model, x, eps=eps, step_size=step_size, steps=steps)
     logits = model(x)

@@ -1,7 +1,7 @@
 """Where the memory lives and how it is encoded: codecs, placements and the slot ring."""
 
 from .codecs import STORAGE_DTYPES, Codec, dtype_name, make_codec
-from .memory_store import FORMAT_VERSION, MemoryRead, MemoryStore, estimate_nbytes
+from .local import FORMAT_VERSION, MemoryRead, MemoryStore, estimate_nbytes
 from .placement import TensorStore, resolve_device
 from .slots import SlotRing
 

@@ -14,9 +14,12 @@ indices, files or ranks.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
+
+from ..checks import check_choice, finite_number
+from ..options import MODES, STORAGE_DTYPE_NAMES, Mode, StorageDtypeName
 
 __all__ = [
     "STORAGE_DTYPES",
@@ -24,22 +27,15 @@ __all__ = [
     "FloatExampleCodec",
     "FloatPerturbationCodec",
     "Int8PerturbationCodec",
-    "Mode",
     "Uint8ExampleCodec",
     "dtype_name",
     "make_codec",
 ]
 
-Mode = Literal["example", "perturbation"]
-
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The storage dtypes by the names used in state dicts, files and command lines.
-STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
+STORAGE_DTYPES: dict[StorageDtypeName, torch.dtype] = {
+    name: getattr(torch, name) for name in STORAGE_DTYPE_NAMES
 }
 SUPPORTED_DTYPES = tuple(STORAGE_DTYPES.values())
 _NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
@@ -223,14 +219,11 @@ def make_codec(*, mode: Mode, dtype: torch.dtype, eps: float | None) -> Codec:
         raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"dtype {dtype} is not supported; use one of float32, float16, bfloat16, uint8, int8"
+            f"dtype {dtype} is not supported; use one of {', '.join(STORAGE_DTYPE_NAMES)}"
         )
     if eps is not None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"eps must be a float or None, got {eps!r}")
-        if not (0.0 < float(eps) < float("inf")):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-        eps = float(eps)
+        eps = finite_number("eps", eps, positive=True)
+    check_choice("mode", mode, MODES)
     if mode == "example":
         if dtype in FLOAT_DTYPES:
             return FloatExampleCodec(dtype)
@@ -240,18 +233,17 @@ def make_codec(*, mode: Mode, dtype: torch.dtype, eps: float | None) -> Codec:
             "dtype torch.int8 stores a perturbation: use mode='perturbation' with eps, "
             "or dtype=torch.uint8 for compressed examples"
         )
-    if mode == "perturbation":
-        if dtype in FLOAT_DTYPES:
-            return FloatPerturbationCodec(dtype, eps)
-        if dtype == torch.int8:
-            if eps is None:
-                raise ValueError(
-                    "dtype torch.int8 with mode='perturbation' needs eps (the delta is stored "
-                    "at scale eps/127), got eps=None"
-                )
-            return Int8PerturbationCodec(eps)
-        raise ValueError(
-            "dtype torch.uint8 stores examples: use mode='example', or dtype=torch.int8 "
-            "for a compressed perturbation"
-        )
-    raise ValueError(f"mode must be 'example' or 'perturbation', got {mode!r}")
+    # mode == "perturbation"
+    if dtype in FLOAT_DTYPES:
+        return FloatPerturbationCodec(dtype, eps)
+    if dtype == torch.int8:
+        if eps is None:
+            raise ValueError(
+                "dtype torch.int8 with mode='perturbation' needs eps (the delta is stored "
+                "at scale eps/127), got eps=None"
+            )
+        return Int8PerturbationCodec(eps)
+    raise ValueError(
+        "dtype torch.uint8 stores examples: use mode='example', or dtype=torch.int8 "
+        "for a compressed perturbation"
+    )

@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_write, fsync_path
 from .placement import TensorStore, _PinnedStaging
 from .slots import SlotRing
 
@@ -76,7 +76,7 @@ class DiskTensorStore(TensorStore):
 
     def flush(self) -> None:
         """Forces the written rows to the disk (they are in the page cache already)."""
-        _fsync(self.path)
+        fsync_path(self.path)
 
 
 def open_disk_memory(
@@ -137,8 +137,9 @@ def open_disk_memory(
     rows = DiskTensorStore(folder / _ROWS, num_rows, row_shape, dtype=dtype, staging=staging)
     ring = _mapped_ring(folder / _RING, num_samples=num_samples, depth=depth)
     ring.ring_head.fill_(depth - 1)  # the first write lands in slot 0, as in SlotRing
-    _fsync(folder / _RING)
-    _write_atomically(meta_file, json.dumps(_jsonable(layout), sort_keys=True))
+    fsync_path(folder / _RING)
+    with atomic_write(meta_file) as file:
+        file.write(json.dumps(_jsonable(layout), sort_keys=True).encode())
     return rows, ring
 
 
@@ -153,30 +154,3 @@ def _mapped_ring(file: Path, *, num_samples: int, depth: int) -> SlotRing:
 
 def _jsonable(layout: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(layout, sort_keys=True))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, syncs it, then renames it over."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -51,21 +51,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .memory_store import MemoryRead, MemoryStore
+from .local import MemoryRead, MemoryStore
 
 __all__ = [
-    "Distribution",
     "ReplicatedMemoryStore",
     "ShardedMemoryStore",
     "merge_shard_states",
 ]
-
-Distribution = Literal["sharded", "replicated"]
 
 
 @dataclass(frozen=True)

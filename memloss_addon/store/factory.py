@@ -6,8 +6,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .distributed import Distribution, ReplicatedMemoryStore, ShardedMemoryStore
-from .memory_store import MemoryStore
+from ..checks import check_choice
+from ..options import DISTRIBUTIONS, Distribution
+from .distributed import ReplicatedMemoryStore, ShardedMemoryStore
+from .local import MemoryStore
 
 __all__ = ["make_store"]
 
@@ -33,8 +35,7 @@ def make_store(
                 "process_group is only used with distributed='sharded' or 'replicated'"
             )
         return MemoryStore(**options)
+    check_choice("distributed", distributed, (None, *DISTRIBUTIONS))
     if distributed == "sharded":
         return ShardedMemoryStore(process_group=process_group, **options)
-    if distributed == "replicated":
-        return ReplicatedMemoryStore(process_group=process_group, **options)
-    raise ValueError(f"distributed must be None, 'sharded' or 'replicated', got {distributed!r}")
+    return ReplicatedMemoryStore(process_group=process_group, **options)

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from memloss_addon.datasets import DatasetSplits, load_dataset
-from memloss_addon.training import METHOD_NAMES, TrainConfig, TrainingRun
+from memloss_addon.experiments.datasets import DatasetSplits, load_dataset
+from memloss_addon.experiments.training import METHOD_NAMES, TrainConfig, TrainingRun
 from memloss_addon.version import __version__
 
 __all__ = [
@@ -64,7 +64,7 @@ class CompareConfig:
         batch_size: Training batch size.
         beta_prime: MemLoss weight beta'.
         helper_epochs: Cross-entropy epochs for HAT's helper.
-        attacks: Evaluations to run (names of :func:`memloss_addon.evaluate.evaluate`).
+        attacks: Evaluations to run (names of :func:`memloss_addon.experiments.evaluate.evaluate`).
         pgd_steps: Steps of the PGD and CW evaluations.
         autoattack: ``"standard"`` (the reference counts) or ``"fast"`` (10 iterations,
             3 targets, 100 Square queries: for smoke tests; not comparable with published numbers).
@@ -170,8 +170,8 @@ def _train_and_evaluate(
     memory: bool,
     wrap: Callable[[Iterable], Iterable] | None = None,
 ) -> RunResult:
-    from memloss_addon.attacks import AutoAttackConfig
-    from memloss_addon.evaluate import evaluate
+    from memloss_addon.experiments.attacks import AutoAttackConfig
+    from memloss_addon.experiments.evaluate import evaluate
 
     start = time.perf_counter()
     run = TrainingRun(config.train_config(method, memory=memory, seed=seed), splits)

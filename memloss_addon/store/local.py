@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .codecs import Mode, dtype_name, make_codec
+from ..options import Mode
+from .codecs import dtype_name, make_codec
 from .disk import open_disk_memory
 from .placement import PendingRead, TensorStore
 from .slots import ReadPlan, SlotRing

@@ -1,4 +1,13 @@
-"""Checks of the arguments of a memory call, done before anything is read, run or stored.
+"""Argument checks for the whole package, with one policy for the errors they raise.
+
+- ``TypeError``: the value has the wrong type (a float where an int is needed, a bool where a
+  number is needed, a list where a tensor is needed).
+- ``ValueError``: the type is right but the value is not (out of its range, not finite, not one of
+  the choices, a shape that does not fit).
+- ``IndexError``: a dataset index outside ``[0, num_samples)``.
+
+Every message names the argument and quotes the bad value. Checks run before anything is read,
+run or stored, so a refused call changes nothing.
 
 Indices are checked on the host: on CUDA an out-of-range index is a device-side assert that leaves
 the CUDA context unusable, and plain indexing wraps negative indices around silently.
@@ -6,12 +15,101 @@ the CUDA context unusable, and plain indexing wraps negative indices around sile
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Real
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["check_batch", "check_indices"]
+__all__ = [
+    "check_batch",
+    "check_choice",
+    "check_indices",
+    "check_shape",
+    "finite_number",
+    "positive_int",
+]
+
+_SHOWN = 5  # how many offending values a message quotes
+_Choice = TypeVar("_Choice")
+
+
+def positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """Returns ``value`` after checking it is an ``int`` (not a bool) ``>= minimum``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: below ``minimum``.
+
+    Example:
+        >>> positive_int("depth", 2)
+        2
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def finite_number(name: str, value: object, *, positive: bool = False) -> float:
+    """Returns ``value`` as a float after checking it is a finite real ``>= 0`` (``> 0``).
+
+    Raises:
+        TypeError: not a real number (``bool`` included).
+        ValueError: negative (or zero with ``positive``), infinite or NaN.
+
+    Example:
+        >>> finite_number("beta", 6)
+        6.0
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def check_choice(name: str, value: object, choices: tuple[_Choice, ...]) -> _Choice:
+    """Returns ``value`` after checking it is one of ``choices`` (see :mod:`memloss_addon.options`).
+
+    Raises:
+        ValueError: not one of the choices.
+
+    Example:
+        >>> check_choice("weighting", "none", ("difficulty", "none"))
+        'none'
+    """
+    if value not in choices:
+        names = [repr(choice) for choice in choices]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_shape(name: str, value: object) -> tuple[int, ...]:
+    """Returns ``value`` as a tuple of positive ints (a single int is a 1-D shape).
+
+    Raises:
+        TypeError: not an int or a non-empty tuple, list or ``torch.Size``.
+        ValueError: an entry is not a positive int.
+
+    Example:
+        >>> check_shape("sample_shape", [3, 32, 32])
+        (3, 32, 32)
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list, torch.Size)) or not value:
+        raise TypeError(f"{name} must be a non-empty tuple of ints, got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        raise ValueError(f"{name} must hold positive ints, got {tuple(value)!r}")
+    return tuple(value)
+
 
 _SHOWN = 5  # how many offending values a message quotes
 

@@ -11,7 +11,7 @@ ours. Applying it:
 Applying again is a no-op. ``--revert`` restores the original bytes exactly and deletes the new
 files, after checking that none of them was changed since; otherwise it refuses, changing nothing.
 
-Also runs as ``python -m memloss_addon.patching <name> PATH [--revert]``.
+Also runs as ``python -m memloss_addon.experiments.patching <name> PATH [--revert]``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .integrations.specs import PATCHES, Edit, RepoPatch
-from .persistence import atomic_write
+from ..integrations.specs import PATCHES, Edit, RepoPatch
+from ..store.files import atomic_write
 
 __all__ = [
     "STATE_FILE",
@@ -404,9 +404,9 @@ def run_patch_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m memloss_addon.patching``."""
+    """Entry point of ``python -m memloss_addon.experiments.patching``."""
     parser = argparse.ArgumentParser(
-        prog="python -m memloss_addon.patching",
+        prog="python -m memloss_addon.experiments.patching",
         description="Apply (or revert) a MemLoss integration patch to a repository checkout.",
     )
     _add_patch_arguments(parser)

@@ -15,20 +15,19 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from memloss_addon.attacks import (
+from memloss_addon.experiments.attacks import (
     AUTOATTACK_NAMES,
     AutoAttackConfig,
     LogitsFn,
     build_autoattack,
-    frozen_parameters,
     import_torchattacks,
     model_logits,
     pgd_linf,
     predict_labels,
-    preserve_module_modes,
     preserve_rng_state,
     run_attack_chain,
 )
+from memloss_addon.model_state import frozen_parameters, preserved_training_flags
 
 __all__ = ["AttackName", "evaluate"]
 
@@ -56,7 +55,7 @@ def evaluate(
     What runs for each name in ``attacks``:
 
     - ``"clean"``: accuracy on the inputs as given.
-    - ``"pgd"``: PGD on cross-entropy (:func:`~memloss_addon.attacks.pgd_linf`),
+    - ``"pgd"``: PGD on cross-entropy (:func:`~memloss_addon.experiments.attacks.pgd_linf`),
       ``pgd_steps`` steps (default 20) of size ``pgd_step_size``, uniform random start; the
       last iterate is judged, as in the TRADES and MART evaluations. The default step size is
       ``2.5 * eps / pgd_steps`` (the usual rule since Madry et al.; 1/255 for eps = 8/255 and 20
@@ -135,7 +134,7 @@ def evaluate(
     total = 0
     chain = None
     generators: dict[str, torch.Generator] = {}
-    with preserve_rng_state(), preserve_module_modes(model), frozen_parameters(model):
+    with preserve_rng_state(), preserved_training_flags(model), frozen_parameters(model):
         model.eval()
         bar = _progress_bar(loader, enabled=progress)
         for batch in bar:

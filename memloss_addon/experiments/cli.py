@@ -289,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(handler=_cmd_compare)
 
     try:  # the patch tool ships separately from the training code; register it when present
-        from memloss_addon.patching import add_patch_subcommand
+        from memloss_addon.experiments.patching import add_patch_subcommand
     except ModuleNotFoundError as err:
-        if err.name != "memloss_addon.patching":
+        if err.name != "memloss_addon.experiments.patching":
             raise
     else:
         add_patch_subcommand(sub)  # its handler is stored as ``func``
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_splits(name: str, *, data_dir: str, split_seed: int = 0, augment: bool = False):
     try:
-        from memloss_addon.datasets import load_dataset
+        from memloss_addon.experiments.datasets import load_dataset
     except ImportError as err:
         raise CommandError(f"{err}. Install the extras: {EXAMPLES_HINT}") from err
     try:
@@ -340,7 +340,7 @@ def _describe(config: Any) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from memloss_addon.training import TrainConfig, TrainingRun, load_checkpoint
+    from memloss_addon.experiments.training import TrainConfig, TrainingRun, load_checkpoint
 
     if args.resume is not None:
         state = _read_checkpoint(args.resume, load_checkpoint)
@@ -436,8 +436,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from memloss_addon.models import build_model
-    from memloss_addon.training import load_checkpoint
+    from memloss_addon.experiments.models import build_model
+    from memloss_addon.experiments.training import load_checkpoint
 
     state = _read_checkpoint(args.checkpoint, load_checkpoint)
     info = state["dataset"]
@@ -495,8 +495,8 @@ def _evaluate(
     autoattack: str,
     progress: bool,
 ) -> dict[str, float]:
-    from memloss_addon.attacks import AutoAttackConfig
-    from memloss_addon.evaluate import evaluate
+    from memloss_addon.experiments.attacks import AutoAttackConfig
+    from memloss_addon.experiments.evaluate import evaluate
 
     config = AutoAttackConfig.fast() if autoattack == "fast" else AutoAttackConfig()
     try:
@@ -521,7 +521,7 @@ def _evaluate(
 
 
 def _compare_config(args: argparse.Namespace) -> Any:
-    from memloss_addon.compare import CompareConfig
+    from memloss_addon.experiments.compare import CompareConfig
 
     quick = args.quick
     seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
@@ -554,7 +554,7 @@ def _compare_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from memloss_addon.compare import (
+    from memloss_addon.experiments.compare import (
         compare,
         format_table,
         plot_tradeoff,
@@ -566,7 +566,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     splits = _load_splits(args.dataset, data_dir=args.data_dir)
     if "autoattack" in config.attacks:
         try:
-            from memloss_addon.attacks import import_torchattacks
+            from memloss_addon.experiments.attacks import import_torchattacks
 
             import_torchattacks()
         except ImportError as err:

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from memloss_addon.datasets import DatasetSplits
+from memloss_addon.experiments.datasets import DatasetSplits
+from memloss_addon.experiments.models import ModelName, build_model, default_model
 from memloss_addon.memory import MemoryWrapper
-from memloss_addon.models import ModelName, build_model, default_model
-from memloss_addon.persistence import atomic_write
 from memloss_addon.store import STORAGE_DTYPES
+from memloss_addon.store.files import atomic_write
 
 __all__ = [
     "METHOD_NAMES",
@@ -314,7 +314,7 @@ class TrainingRun:
         splits: The dataset (its training set yields ``(x, y, idx)``).
 
     Example:
-        >>> from memloss_addon.datasets import load_digits
+        >>> from memloss_addon.experiments.datasets import load_digits
         >>> splits = load_digits()
         >>> config = TrainConfig(method="pgd_at", epochs=1, steps=1, memory=True)
         >>> run = TrainingRun(config, splits)

@@ -1,8 +1,9 @@
-"""The L-inf sign-gradient attack loops the base objectives share.
+"""The one L-inf sign-gradient (PGD) loop of the package, and the attacks built on it.
 
-They take the model in whatever mode the caller has set (the objectives choose it) and take
-gradients with ``torch.autograd.grad`` with respect to the input only, so no ``.grad`` is left on
-the model's parameters.
+The base objectives and the evaluation's PGD all run :func:`sign_ascent`. It takes the model in
+whatever mode the caller has set (the objectives choose it) and takes gradients with
+``torch.autograd.grad`` with respect to the input only, so no ``.grad`` is left on the model's
+parameters.
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._common import kl_rows, log_probs, project_linf
+from ..loss import kl_rows, log_probs
 
-__all__ = ["ce_attack", "kl_attack", "sign_ascent"]
+__all__ = ["ce_attack", "kl_attack", "project_linf", "sign_ascent"]
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project onto ``{x' : |x' - x|_inf <= eps}``, then clip to ``[0, 1]``.
+
+    Example:
+        >>> project_linf(torch.tensor([0.5, 0.9, 0.0]), torch.tensor([0.2, 0.95, 0.05]), 0.1)
+        tensor([0.3000, 0.9000, 0.0000])
+    """
+    return torch.clamp(torch.clamp(x_adv, x - eps, x + eps), 0.0, 1.0)
 
 
 def sign_ascent(

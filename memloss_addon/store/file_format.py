@@ -41,31 +41,25 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from .store import FORMAT_VERSION, STORAGE_DTYPES
-
-if TYPE_CHECKING:
-    from .memory import MemoryWrapper
+from .codecs import STORAGE_DTYPES
+from .files import PathLike, atomic_write
+from .local import FORMAT_VERSION
 
 __all__ = [
     "FILE_FORMAT",
     "FILE_FORMAT_VERSION",
     "MemoryFileError",
-    "PathLike",
-    "atomic_write",
-    "load_memory",
+    "mapped_memory_file",
     "read_header",
-    "save_memory",
+    "write_memory_file",
 ]
-
-PathLike = str | os.PathLike
 
 FILE_FORMAT = "memloss-addon memory"
 FILE_FORMAT_VERSION = 1
@@ -89,92 +83,27 @@ class MemoryFileError(ValueError):
 # ---------------------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
-    """Opens a binary file whose content replaces ``path`` only once completely written.
+def write_memory_file(state: dict[str, Any], path: PathLike) -> None:
+    """Writes a memory's state dict to ``path`` atomically, streaming the slots.
 
-    The data goes to a temporary file in the same folder (so the final rename never copies across
-    file systems), which is flushed and fsynced, then moved over ``path`` with ``os.replace``; the
-    folder is fsynced so that the rename itself survives a power loss. If the block raises
-    anything (``KeyboardInterrupt`` included) the temporary file is removed and ``path`` is left
-    as it was. A new file gets the permissions ``open()`` would give it; a replaced file keeps
-    its own. A symbolic link at ``path`` is followed: the file it points to is replaced.
-
-    Use it for checkpoints too: ``torch.save`` writes in place and a kill mid-write leaves a torn
-    file.
+    See the module docstring for the layout. Use :meth:`MemoryWrapper.save`, which calls this.
 
     Args:
-        path: the file to create or replace. Its folder must exist.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> target = pathlib.Path(tempfile.mkdtemp()) / "checkpoint.pt"
-        >>> with atomic_write(target) as file:
-        ...     torch.save({"step": 3}, file)
-        >>> torch.load(target, weights_only=True)
-        {'step': 3}
-    """
-    target = os.path.realpath(os.fspath(path))
-    folder, name = os.path.split(target)
-    mode = _mode_for(target)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_folder(folder)
-
-
-def _mode_for(target: str) -> int:
-    """Permission bits for the new file: those of the file it replaces, else ``0o666 & ~umask``."""
-    with contextlib.suppress(OSError):
-        return os.stat(target).st_mode & 0o7777
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    # Reading the umask with os.umask() briefly changes it for every thread; /proc does not.
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
-
-
-def _fsync_folder(folder: str) -> None:
-    if os.name != "posix":  # folders cannot be opened for fsync elsewhere
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def save_memory(memory: MemoryWrapper, path: PathLike) -> None:
-    """Writes ``memory`` to ``path`` atomically, streaming the slots (see the module docstring).
-
-    Args:
-        memory: the memory to save; it is not changed.
+        state: a :meth:`MemoryWrapper.state_dict`; it is not changed.
         path: the file to create or replace; its folder must exist.
+
+    Raises:
+        ValueError: the state holds entries a memory file has no place for.
 
     Example:
         >>> import pathlib, tempfile
         >>> from memloss_addon import MemoryWrapper
         >>> memory = MemoryWrapper(torch.nn.Linear(2, 2), num_samples=4, sample_shape=(2,))
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "memory.bin"
-        >>> save_memory(memory, path)
+        >>> write_memory_file(memory.state_dict(), path)
         >>> read_header(path)["config"]["num_samples"]
         4
     """
-    state = memory.state_dict()
     unknown = set(state) - {*_TENSORS, "format_version", "config", "counters", "shard"}
     if unknown:  # never drop part of a state silently
         raise ValueError(f"cannot save memory state entries {sorted(unknown)} to a memory file")
@@ -249,7 +178,7 @@ def read_header(path: PathLike) -> dict[str, Any]:
     """The header of a memory file: its configuration, counters and tensor layout.
 
     Checks the magic bytes, the header and the file size, but not the checksum (which needs the
-    whole file): use it to build a matching :class:`MemoryWrapper` before :func:`load_memory`.
+    whole file): use it to build a matching :class:`MemoryWrapper` before loading.
 
     Raises:
         MemoryFileError: not a memory file, an unreadable header, or a truncated file.
@@ -270,34 +199,28 @@ def read_header(path: PathLike) -> dict[str, Any]:
     return header
 
 
-def load_memory(memory: MemoryWrapper, path: PathLike, *, strict: bool = True) -> None:
-    """Loads a file written by :func:`save_memory` into ``memory``, after checking all of it.
+@contextlib.contextmanager
+def mapped_memory_file(path: PathLike) -> Iterator[dict[str, Any]]:
+    """Checks a memory file whole, then yields its state dict, mapped rather than read.
 
-    Args:
-        memory: a memory of the same configuration as the saved one.
-        path: the file.
-        strict: also require the loss settings to match (see
-            :meth:`MemoryWrapper.load_state_dict`).
+    The tensors are views of a private (copy-on-write) map of the file, valid inside the block
+    only; the map is released on exit. Use :meth:`MemoryWrapper.load`, which calls this and
+    checks the state against the memory before copying anything.
 
     Raises:
         MemoryFileError: another format (a ``torch.save`` or pickle file included), a damaged or
-            truncated file, or a configuration that does not match ``memory`` (the message names
-            the differences). ``memory`` is left unchanged.
+            truncated file, or a newer format version.
         OSError: the file cannot be opened.
 
     Example:
         >>> import pathlib, tempfile
         >>> from memloss_addon import MemoryWrapper
-        >>> model = torch.nn.Linear(2, 2)
-        >>> memory = MemoryWrapper(model, num_samples=3, sample_shape=(2,))
-        >>> x = torch.rand(3, 2)
-        >>> _ = memory(torch.arange(3), x, x, model(x), torch.tensor([0, 1, 0]))
+        >>> memory = MemoryWrapper(torch.nn.Linear(2, 2), num_samples=3, sample_shape=(2,))
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "memory.bin"
-        >>> save_memory(memory, path)
-        >>> restored = MemoryWrapper(model, num_samples=3, sample_shape=(2,))
-        >>> load_memory(restored, path)
-        >>> torch.equal(restored.state_dict()["slots"], memory.state_dict()["slots"])
-        True
+        >>> memory.save(path)
+        >>> with mapped_memory_file(path) as state:
+        ...     tuple(state["slots"].shape)
+        (3, 1, 2)
     """
     name = os.fspath(path)
     with open(path, "rb") as file:
@@ -305,9 +228,7 @@ def load_memory(memory: MemoryWrapper, path: PathLike, *, strict: bool = True) -
         _verify_checksum(file, name)
         state = _mapped_state(file, header, payload_start)
     try:
-        memory.load_state_dict(state, strict=strict)
-    except (TypeError, ValueError) as error:
-        raise MemoryFileError(f"{name}: {error}") from error
+        yield state
     finally:
         state.clear()  # unmap the file now, not when a traceback holding this frame is freed
 

@@ -1,22 +1,24 @@
 """L-inf attacks for evaluation, and guards that keep a caller's state intact around them.
 
-The guards are small context managers that any part of the package can reuse:
+Evaluation runs inside three guards:
 
 - :func:`preserve_rng_state` restores the torch CPU and CUDA generators, Python's ``random`` and
   NumPy's global generator on exit. torchattacks' APGD, APGD-T, FAB and Square call
   ``torch.manual_seed`` on every call, which would otherwise reset the caller's stream (shuffling,
   augmentation, dropout) each time an evaluation runs.
-- :func:`preserve_module_modes` records every submodule's ``training`` flag and puts each one back
-  exactly. torchattacks calls ``model.train()`` after an attack, which flips every submodule and
-  wipes per-module freezes (a frozen BatchNorm, a helper model kept in eval mode).
-- :func:`frozen_parameters` switches ``requires_grad`` off for the model's parameters, so attacks
-  that call ``backward()`` (torchattacks' FAB does) never write into the parameters' ``.grad``.
+- :func:`memloss_addon.model_state.preserved_training_flags` records every submodule's
+  ``training`` flag and puts each one back exactly. torchattacks calls ``model.train()`` after an
+  attack, which flips every submodule and wipes per-module freezes (a frozen BatchNorm, a helper
+  model kept in eval mode).
+- :func:`memloss_addon.model_state.frozen_parameters` switches ``requires_grad`` off for the
+  model's parameters, so attacks that call ``backward()`` (torchattacks' FAB does) never write
+  into the parameters' ``.grad``.
 
-The attacks themselves are :func:`pgd_linf` (PGD on cross-entropy or on the CW margin loss,
-a few lines of our own) and :func:`autoattack_linf`, the standard AutoAttack chain built from
-torchattacks' APGD, APGDT, FAB and Square with the reference iteration counts (see
-:class:`AutoAttackConfig`). torchattacks is an optional extra: ``pip install
-"memloss-addon[attacks]"``; it is imported only when AutoAttack runs.
+The attacks themselves are :func:`pgd_linf` (PGD on cross-entropy or on the CW margin loss, run
+by the package's one PGD loop, :func:`memloss_addon.objectives.pgd.sign_ascent`) and
+:func:`autoattack_linf`, the standard AutoAttack chain built from torchattacks' APGD, APGDT, FAB
+and Square with the reference iteration counts (see :class:`AutoAttackConfig`). torchattacks is
+an optional extra (``pip install "memloss-addon[attacks]"``), imported only when AutoAttack runs.
 
 All attacks expect inputs in [0, 1]; put any mean/std normalization inside the model.
 """
@@ -27,15 +29,16 @@ import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model_state import preserved_training_flags
-from .objectives._common import project_linf
+from ..checks import check_choice, finite_number, positive_int
+from ..model_state import frozen_parameters, preserved_training_flags
+from ..objectives.pgd import project_linf, sign_ascent
 
 __all__ = [
     "AttackLoss",
@@ -46,13 +49,10 @@ __all__ = [
     "autoattack_linf",
     "build_autoattack",
     "cw_margin_loss",
-    "frozen_parameters",
     "import_torchattacks",
     "model_logits",
     "predict_labels",
-    "preserve_module_modes",
     "preserve_rng_state",
-    "project_linf",
     "pgd_linf",
     "run_attack_chain",
 ]
@@ -61,6 +61,7 @@ LogitsFn = Callable[[Any], Tensor]
 """Maps a model's raw output (a tensor, tuple or dict) to the logits tensor of shape (N, C)."""
 
 AttackLoss = Literal["ce", "cw"]
+ATTACK_LOSSES: tuple[AttackLoss, ...] = get_args(AttackLoss)
 
 _INSTALL_HINT = 'pip install "memloss-addon[attacks]"'
 
@@ -100,63 +101,6 @@ def preserve_rng_state() -> Iterator[None]:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-
-
-@contextlib.contextmanager
-def preserve_module_modes(model: nn.Module) -> Iterator[None]:
-    """Restore the ``training`` flag of every submodule of ``model`` exactly on exit.
-
-    Unlike saving ``model.training`` and calling ``model.train(flag)``, this keeps per-module
-    choices such as a BatchNorm or a helper network the user froze in eval mode.
-
-    Args:
-        model: the module whose flags are recorded (``model.modules()``, itself included).
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-        >>> _ = net.train(); _ = net[1].eval()
-        >>> with preserve_module_modes(net):
-        ...     _ = net.train()
-        >>> net.training, net[1].training
-        (True, False)
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    with preserved_training_flags(model):
-        yield
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Switch off ``requires_grad`` on all parameters of ``model``; restore each flag on exit.
-
-    Gradients with respect to the inputs still flow. Attacks run inside this block cannot touch
-    the parameters' ``.grad`` (so an evaluation between ``backward()`` and ``step()`` is harmless)
-    and skip the work of computing parameter gradients.
-
-    Args:
-        model: the module whose parameters are frozen.
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Linear(2, 2)
-        >>> with frozen_parameters(net):
-        ...     net.weight.requires_grad
-        False
-        >>> net.weight.requires_grad
-        True
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    try:
-        for param, _ in flags:
-            param.requires_grad_(False)
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +145,17 @@ def model_logits(model: nn.Module, x: Tensor, logits_fn: LogitsFn | None = None)
         >>> model_logits(nn.Linear(2, 3), torch.zeros(4, 2)).shape
         torch.Size([4, 3])
     """
-    out = model(x)
+    return output_logits(model(x), logits_fn)
+
+
+def output_logits(out: Any, logits_fn: LogitsFn | None = None) -> Tensor:
+    """Return ``logits_fn(out)`` (or ``out``), checked to be logits of shape (N, C).
+
+    Example:
+        >>> import torch
+        >>> output_logits((torch.zeros(4, 3), None), lambda out: out[0]).shape
+        torch.Size([4, 3])
+    """
     logits = logits_fn(out) if logits_fn is not None else out
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise TypeError(
@@ -209,11 +163,6 @@ def model_logits(model: nn.Module, x: Tensor, logits_fn: LogitsFn | None = None)
             f"from a tuple or dict output (got {type(logits).__name__})"
         )
     return logits
-
-
-def _check_eps(eps: float) -> None:
-    if not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,30 +217,24 @@ def pgd_linf(
         >>> bool((adv - x).abs().max() <= 0.1 + 1e-6)
         True
     """
-    _check_eps(eps)
-    if not step_size > 0:
-        raise ValueError(f"step_size must be positive, got {step_size!r}")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if loss not in ("ce", "cw"):
-        raise ValueError(f"loss must be 'ce' or 'cw', got {loss!r}")
+    finite_number("eps", eps, positive=True)
+    finite_number("step_size", step_size, positive=True)
+    positive_int("steps", steps, minimum=0)
+    check_choice("loss", loss, ATTACK_LOSSES)
     x = x.detach()
     if random_start:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = (x + eps * (2 * noise - 1)).clamp(0.0, 1.0)
+        start = (x + eps * (2 * noise - 1)).clamp(0.0, 1.0)
     else:
-        x_adv = x.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            logits = model_logits(model, x_adv, logits_fn).float()
-            if loss == "ce":
-                objective = F.cross_entropy(logits, y, reduction="sum")
-            else:
-                objective = cw_margin_loss(logits, y).sum()
-            (grad,) = torch.autograd.grad(objective, x_adv)
-        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return x_adv.detach()
+        start = x.clone()
+
+    def objective(out: Any) -> Tensor:
+        logits = output_logits(out, logits_fn).float()
+        if loss == "ce":
+            return F.cross_entropy(logits, y, reduction="sum")
+        return cw_margin_loss(logits, y).sum()
+
+    return sign_ascent(model, x, start, objective, eps=eps, step_size=step_size, steps=steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,11 +252,6 @@ def import_torchattacks() -> Any:
             f"`{_INSTALL_HINT}`"
         ) from err
     return torchattacks
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,9 +285,9 @@ class AutoAttackConfig:
 
     def __post_init__(self) -> None:
         for field in ("apgd_steps", "apgdt_steps", "fab_steps", "square_queries"):
-            _positive_int(field, getattr(self, field))
+            positive_int(field, getattr(self, field))
         if self.n_target_classes is not None:
-            _positive_int("n_target_classes", self.n_target_classes)
+            positive_int("n_target_classes", self.n_target_classes)
 
     @classmethod
     def fast(cls) -> AutoAttackConfig:
@@ -461,7 +399,7 @@ def run_attack_chain(
         >>> torch.equal(result.robust, net(x).argmax(1) == y)
         True
     """
-    _check_eps(eps)
+    finite_number("eps", eps, positive=True)
     robust = predict_labels(model, x, logits_fn) == y
     adv = x.detach().clone()
     remaining = [int(robust.sum())]
@@ -508,7 +446,7 @@ def build_autoattack(
         The attacks run the model in whatever mode it is in (they never switch it): put it in
         eval mode first, as :func:`autoattack_linf` and ``evaluate`` do.
     """
-    _check_eps(eps)
+    finite_number("eps", eps, positive=True)
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 4:
         raise ValueError(
             f"AutoAttack needs a classifier with at least 4 classes (APGD-T's targeted DLR "
@@ -583,7 +521,7 @@ def autoattack_linf(
         raise ValueError(
             f"AutoAttack expects image batches of shape (N, C, H, W), got {tuple(x.shape)}"
         )
-    with preserve_rng_state(), preserve_module_modes(model), frozen_parameters(model):
+    with preserve_rng_state(), preserved_training_flags(model), frozen_parameters(model):
         model.eval()
         with torch.no_grad():
             n_classes = model_logits(model, x[:1], logits_fn).shape[1]
