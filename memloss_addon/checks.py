@@ -74,7 +74,7 @@ def finite_number(name: str, value: object, *, positive: bool = False) -> float:
     return number
 
 
-def check_choice(name: str, value: object, choices: tuple[_Choice, ...]) -> _Choice:
+def check_choice(name: str, value: _Choice, choices: tuple[_Choice, ...]) -> _Choice:
     """Returns ``value`` after checking it is one of ``choices`` (see :mod:`memloss_addon.options`).
 
     Raises:
@@ -88,7 +88,7 @@ def check_choice(name: str, value: object, choices: tuple[_Choice, ...]) -> _Cho
         names = [repr(choice) for choice in choices]
         listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         raise ValueError(f"{name} must be {listed}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_shape(name: str, value: object) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ The memory is keyed by dataset index, never by position in a batch: with shuffli
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +67,6 @@ class IndexedDataset(Dataset):
 
 def _as_int(index: object) -> int:
     try:
-        return int(index.__index__())  # numpy integers and 0-dim integer tensors
-    except (AttributeError, TypeError) as error:
+        return operator.index(index)  # type: ignore[arg-type]  # numpy ints, 0-dim int tensors
+    except TypeError as error:
         raise TypeError(f"dataset index must be an int, got {index!r}") from error

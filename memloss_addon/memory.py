@@ -93,6 +93,10 @@ class MemoryWrapper:
         parent module never move, cast or save the memory. Save it with :meth:`state_dict`.
     """
 
+    _term_sum: torch.Tensor | None
+    _weight_sum: torch.Tensor | None
+    _last_term: torch.Tensor | float | None
+
     def __init__(
         self,
         model: nn.Module,
@@ -296,7 +300,7 @@ class MemoryWrapper:
         return term
 
     def _zero(self, logits: torch.Tensor) -> torch.Tensor:
-        self._last_term = 0.0
+        self._last_term = 0.0  # a float: stats() then needs no device sync for it
         # A fresh zero: adding it changes no value or gradient, and it can be backpropagated.
         return torch.zeros(
             (),
@@ -315,23 +319,23 @@ class MemoryWrapper:
         self._rejected_rows = 0
         self._warned_rejected = False
         # Sums stay on the batch's device so that a step never waits for the GPU.
-        self._term_sum: torch.Tensor | None = None
-        self._weight_sum: torch.Tensor | None = None
-        self._last_term: torch.Tensor | float | None = None
+        self._term_sum = None
+        self._weight_sum = None
+        self._last_term = None
 
     def _count_read(self, rows: int, term: torch.Tensor, weight: torch.Tensor) -> None:
         self._terms_computed += 1
         self._rows_read += rows
         value = term.detach().double()
         device = value.device
-        if self._term_sum is None:
-            self._term_sum = torch.zeros((), dtype=torch.float64, device=device)
-            self._weight_sum = torch.zeros((), dtype=torch.float64, device=device)
-        elif self._term_sum.device != device:  # the batch moved (or a loaded state): follow it
-            self._term_sum = self._term_sum.to(device)
-            self._weight_sum = self._weight_sum.to(device)
-        self._term_sum += value
-        self._weight_sum += weight.double().sum()
+        term_sum, weight_sum = self._term_sum, self._weight_sum
+        if term_sum is None or weight_sum is None:
+            term_sum = torch.zeros((), dtype=torch.float64, device=device)
+            weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+        elif term_sum.device != device:  # the batch moved (or a loaded state): follow it
+            term_sum, weight_sum = term_sum.to(device), weight_sum.to(device)
+        self._term_sum = term_sum + value
+        self._weight_sum = weight_sum + weight.double().sum()
         self._last_term = value
 
     def _count_write(self, rows: int, rejected: int) -> None:

@@ -175,7 +175,7 @@ class TrainingHook:
 
         # ``parse_args`` goes through ``parse_known_args``; wrapping this one parser instance
         # captures the values without another edit to the repository.
-        parser.parse_known_args = capture  # type: ignore[method-assign]
+        parser.parse_known_args = capture  # type: ignore[method-assign,assignment]
 
     # ------------------------------------------------------------------ data
 
@@ -214,7 +214,7 @@ class TrainingHook:
             **extra,
         )
         self._indexed_loaders[id(loader)] = (loader, indexed)
-        self._num_samples = len(loader.dataset)
+        self._num_samples = len(loader.dataset)  # type: ignore[arg-type]  # map-style
         return indexed
 
     # ------------------------------------------------------------------ the term
@@ -368,7 +368,7 @@ def keep_cuda_calls_on_cpu() -> Callable[[], None]:
     def cuda_on_cpu(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return tensor
 
-    torch.Tensor.cuda = cuda_on_cpu  # type: ignore[method-assign]
+    torch.Tensor.cuda = cuda_on_cpu  # type: ignore[method-assign,assignment]
 
     def undo() -> None:
         torch.Tensor.cuda = previous  # type: ignore[method-assign]

@@ -72,8 +72,8 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
             "x must be (B, ...) and y must be (B,) with B >= 1, got shapes "
             f"{tuple(x.shape)} and {tuple(y.shape)}"
         )
-    low, high = torch.aminmax(x.detach())
-    low, high = float(low), float(high)
+    bounds = torch.aminmax(x.detach())
+    low, high = float(bounds.min), float(bounds.max)
     if not (low >= 0.0 and high <= 1.0):
         raise ValueError(
             f"x must lie in [0, 1] (put input normalization inside the model), got values in "

@@ -444,11 +444,14 @@ def merge_shard_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     if not states:
         raise ValueError("merge_shard_states needs at least one state")
-    shards = [state.get("shard") for state in states]
-    if any(not isinstance(shard, dict) for shard in shards):
+    shards: list[dict[str, Any]] = [
+        shard if isinstance(shard := state.get("shard"), dict) else {} for state in states
+    ]
+    if not all(shards):
         raise ValueError("every state must be a shard (a sharded memory's state_dict())")
     world_size = shards[0].get("world_size")
-    ranks = sorted(shard.get("rank") for shard in shards)
+    # A missing or non-int rank sorts as -1, which fails the check below.
+    ranks = sorted(rank if isinstance(rank := shard.get("rank"), int) else -1 for shard in shards)
     if (
         any(shard.get("world_size") != world_size for shard in shards)
         or ranks != list(range(len(states)))

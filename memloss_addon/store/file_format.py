@@ -35,6 +35,7 @@ only hold numbers, which are checked like any loaded state.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import math
@@ -72,7 +73,8 @@ _ALIGN = 64
 _CHUNK_BYTES = 16 * 2**20  # streaming granularity: bounds the extra RAM of saving and checking
 _MAX_HEADER_BYTES = 16 * 2**20  # a real header is a few hundred bytes; refuse absurd lengths
 _TENSORS = ("slots", "slot_count", "ring_head")
-_DTYPES = {**STORAGE_DTYPES, "int32": torch.int32}  # int32: fill counts and ring heads
+_DTYPES: dict[str, torch.dtype] = {name: dtype for name, dtype in STORAGE_DTYPES.items()}
+_DTYPES["int32"] = torch.int32  # int32: fill counts and ring heads
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
@@ -158,7 +160,7 @@ def _aligned(offset: int) -> int:
     return -(-offset // _ALIGN) * _ALIGN
 
 
-def _byte_chunks(tensor: torch.Tensor) -> Iterator[np.ndarray]:
+def _byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
     """The tensor's bytes in C order, at most ``_CHUNK_BYTES`` at a time, without a full copy."""
     flat = tensor.detach().reshape(-1)
     if not flat.is_contiguous():  # never the case for the memory's own tensors
@@ -168,7 +170,7 @@ def _byte_chunks(tensor: torch.Tensor) -> Iterator[np.ndarray]:
         piece = flat[start : start + step]
         if piece.device.type != "cpu":
             piece = piece.cpu()  # one chunk at a time, never the whole memory
-        yield piece.view(torch.uint8).numpy()
+        yield piece.view(torch.uint8).numpy().data
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -350,7 +352,9 @@ def _check_header(header: object, name: str) -> None:
             raise fail(f"tensor {tensor_name!r} has dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
             raise fail(f"tensor {tensor_name!r} has shape {shape!r}")
-        if not _is_count(offset) or offset % _ALIGN or not _is_count(nbytes):
+        if not isinstance(offset, int) or not _is_count(offset) or offset % _ALIGN:
+            raise fail(f"tensor {tensor_name!r} has offset {offset!r} and size {nbytes!r}")
+        if not _is_count(nbytes):
             raise fail(f"tensor {tensor_name!r} has offset {offset!r} and size {nbytes!r}")
         if nbytes != math.prod(shape) * _DTYPES[dtype].itemsize:
             raise fail(f"tensor {tensor_name!r} has {nbytes} bytes for shape {shape} of {dtype}")
@@ -367,7 +371,7 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _verify_checksum(file: IO[bytes], name: str) -> None:
+def _verify_checksum(file: io.BufferedReader, name: str) -> None:
     """Streams the CRC-32 of everything before the trailer and compares it with the trailer."""
     size = os.fstat(file.fileno()).st_size
     covered = size - _TRAILER.size
