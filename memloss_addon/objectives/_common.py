@@ -23,9 +23,12 @@ class ObjectiveOutput:
             the clean inputs and inside ``[0, 1]``.
         logits: the clean logits with their graph, from the forward pass the loss uses (or, for
             methods whose loss has no clean term, from one extra clean forward pass).
+        adv_logits: the logits on ``adv`` from the forward pass the loss uses, with their graph
+            (pass them to the memory as ``adv_logits=`` for its diagnostics).
 
     Example:
-        >>> out = ObjectiveOutput(torch.tensor(1.0), torch.zeros(2, 3), torch.zeros(2, 4))
+        >>> out = ObjectiveOutput(
+        ...     torch.tensor(1.0), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4))
         >>> out.loss.item(), tuple(out.adv.shape), tuple(out.logits.shape)
         (1.0, (2, 3), (2, 4))
     """
@@ -33,6 +36,7 @@ class ObjectiveOutput:
     loss: torch.Tensor
     adv: torch.Tensor
     logits: torch.Tensor
+    adv_logits: torch.Tensor
 
 
 def check_attack_args(*, eps: float, step_size: float, steps: int) -> None:

@@ -29,6 +29,7 @@ def hat(
     helper: nn.Module,
     h: float = 2.0,
     gamma: float = 1.0,
+    init: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """Helper-based adversarial training on top of TRADES.
 
@@ -56,6 +57,9 @@ def hat(
         eps: L-inf radius (required; the reference uses 8/255).
         step_size: attack step (required; the reference uses 2/255).
         steps: attack steps (required; the reference uses 10).
+        init: where the attack starts instead of its usual start, e.g. last epoch's example from
+            :meth:`memloss_addon.MemoryWrapper.recall`; projected into the eps-ball and ``[0, 1]``,
+            and no random number is drawn for the start. ``steps`` may then be as low as 1.
         beta: weight of the KL term (required: the reference has no default; its README's
             ResNet-18 CIFAR-10 recipe uses 2.5).
         helper: the frozen standard-trained model that labels the helper examples.
@@ -65,8 +69,8 @@ def hat(
             its README recipe uses 0.5).
 
     Returns:
-        ``ObjectiveOutput(loss, adv, logits)``: ``adv`` is ``x'`` (not ``x_hr``), ``logits`` the
-        clean logits the loss uses.
+        ``ObjectiveOutput(loss, adv, logits, adv_logits)``: ``adv`` is ``x'`` (not ``x_hr``),
+        ``logits`` the clean logits the loss uses.
 
     Raises:
         ValueError: a bad ``eps``, ``step_size``, ``steps``, ``beta``, ``gamma`` or ``h``, or ``x``
@@ -95,7 +99,7 @@ def hat(
         raise TypeError(f"helper must be a torch.nn.Module, got {type(helper).__name__}")
     check_inputs(x, y)
     with eval_mode(model):
-        adv = kl_attack(model, x, eps=eps, step_size=step_size, steps=steps)
+        adv = kl_attack(model, x, eps=eps, step_size=step_size, steps=steps, init=init)
     with eval_mode(helper), torch.no_grad():
         helper_labels = helper(adv).argmax(dim=1)
     x_clean = x.detach()
@@ -110,4 +114,4 @@ def hat(
         + beta * robust
         + gamma * cross_entropy(helper_logits, helper_labels)
     )
-    return ObjectiveOutput(loss=loss, adv=adv, logits=logits)
+    return ObjectiveOutput(loss=loss, adv=adv, logits=logits, adv_logits=adv_logits)

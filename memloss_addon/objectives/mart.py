@@ -9,7 +9,7 @@ from ..checks import finite_number
 from ..loss import kl_rows, log_probs, no_autocast
 from ..model_state import eval_mode
 from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
-from .pgd import ce_attack
+from .pgd import attack_start, ce_attack
 
 __all__ = ["mart"]
 
@@ -28,6 +28,7 @@ def mart(
     step_size: float,
     steps: int,
     beta: float,
+    init: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """The MART loss ``BCE(p(x'), y) + beta * (1/B) sum_i KL(p(x_i) || p(x'_i)) (1 - p_y(x_i))``.
 
@@ -57,11 +58,15 @@ def mart(
         eps: L-inf radius (required; the reference uses 0.031).
         step_size: attack step (required; the reference uses 0.007).
         steps: attack steps (required; the reference uses 10).
+        init: where the attack starts instead of its usual start, e.g. last epoch's example from
+            :meth:`memloss_addon.MemoryWrapper.recall`; projected into the eps-ball and ``[0, 1]``,
+            and no random number is drawn for the start. ``steps`` may then be as low as 1.
         beta: weight of the KL term (required; the reference uses 5.0 for ResNet-18 and 6.0 for
             WRN-34-10, which is also its function default).
 
     Returns:
-        ``ObjectiveOutput(loss, adv, logits)``: ``logits`` are the clean logits the loss uses.
+        ``ObjectiveOutput(loss, adv, logits, adv_logits)``: ``logits`` are the clean logits the
+        loss uses.
 
     Raises:
         ValueError: a bad ``eps``, ``step_size``, ``steps`` or ``beta``, or ``x`` outside
@@ -81,7 +86,9 @@ def mart(
     beta = finite_number("beta", beta)
     check_inputs(x, y)
     x_clean = x.detach()
-    start = x_clean + 0.001 * torch.randn_like(x_clean)
+    start = attack_start(
+        x_clean, init, eps=eps, default=lambda: x_clean + 0.001 * torch.randn_like(x_clean)
+    )
     with eval_mode(model):
         adv = ce_attack(model, x_clean, y, start, eps=eps, step_size=step_size, steps=steps)
     logits = model(x)
@@ -99,4 +106,4 @@ def mart(
         weight = _WEIGHT_ONE - log_p_clean.exp().gather(1, labels).squeeze(1)
         robust = (kl_rows(log_p_clean, log_p_adv) * weight).sum() / len(x)
     loss = bce + beta * robust
-    return ObjectiveOutput(loss=loss, adv=adv, logits=logits)
+    return ObjectiveOutput(loss=loss, adv=adv, logits=logits, adv_logits=adv_logits)

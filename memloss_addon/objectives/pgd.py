@@ -15,7 +15,14 @@ from torch import nn
 
 from ..loss import kl_rows, log_probs
 
-__all__ = ["ce_attack", "kl_attack", "project_linf", "sign_ascent"]
+__all__ = [
+    "attack_start",
+    "ce_attack",
+    "kl_attack",
+    "project_linf",
+    "sign_ascent",
+    "uniform_start",
+]
 
 
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -26,6 +33,55 @@ def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
         tensor([0.3000, 0.9000, 0.0000])
     """
     return torch.clamp(torch.clamp(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+
+def uniform_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A uniform random point of the eps-ball around ``x``, clipped to ``[0, 1]``.
+
+    Draws one ``torch.rand_like(x)`` ``u`` from the global RNG of ``x``'s device; the point is
+    ``x + eps (2u - 1)``.
+
+    Example:
+        >>> x = torch.full((2, 3), 0.5)
+        >>> bool(((uniform_start(x, 0.1) - x).abs() <= 0.1).all())
+        True
+    """
+    return project_linf(x + eps * (2.0 * torch.rand_like(x) - 1.0), x, eps)
+
+
+def attack_start(
+    x: torch.Tensor,
+    init: torch.Tensor | None,
+    *,
+    eps: float,
+    default: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """The first point of an attack: ``init`` projected into the eps-ball of ``x`` and ``[0, 1]``,
+    or, without ``init``, ``default()`` (the method's usual, possibly random, start).
+
+    With ``init`` no random number is drawn. A start from memory (see
+    :meth:`memloss_addon.MemoryWrapper.recall`) lets an attack accumulate strength across epochs
+    with few steps per epoch, as ATTA does (Zheng et al., CVPR 2020, arXiv 1912.11969).
+
+    Raises:
+        TypeError: ``init`` is not a floating-point tensor.
+        ValueError: ``init`` has another shape or device than ``x``.
+
+    Example:
+        >>> x = torch.full((1, 2), 0.5)
+        >>> attack_start(x, torch.tensor([[0.9, 0.45]]), eps=0.1, default=lambda: x)
+        tensor([[0.6000, 0.4500]])
+    """
+    if init is None:
+        return default()
+    if not isinstance(init, torch.Tensor) or not init.is_floating_point():
+        raise TypeError(f"init must be a floating-point tensor, got {type(init).__name__}")
+    if init.shape != x.shape or init.device != x.device:
+        raise ValueError(
+            f"init must have the shape and device of x, {tuple(x.shape)} on {x.device}; got "
+            f"{tuple(init.shape)} on {init.device}"
+        )
+    return project_linf(init.detach().to(x.dtype), x.detach(), eps)
 
 
 def sign_ascent(
@@ -109,11 +165,13 @@ def kl_attack(
     eps: float,
     step_size: float,
     steps: int,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The TRADES attack: PGD ascending ``sum_i KL(p(x_i) || p(x'_i))`` from ``x + 0.001 N(0, I)``.
 
     ``p(x)`` is computed once, without graph, in the model's current mode. Draws one
-    ``torch.randn_like(x)`` from the global RNG of ``x``'s device.
+    ``torch.randn_like(x)`` from the global RNG of ``x``'s device, unless ``init`` is given: the
+    attack then starts from it (see :func:`attack_start`) and draws nothing.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -121,7 +179,7 @@ def kl_attack(
         torch.Size([1, 2])
     """
     x = x.detach()
-    start = x + 0.001 * torch.randn_like(x)
+    start = attack_start(x, init, eps=eps, default=lambda: x + 0.001 * torch.randn_like(x))
     with torch.no_grad():
         clean_log_p = log_probs(model(x))
     return sign_ascent(

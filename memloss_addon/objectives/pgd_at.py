@@ -7,7 +7,7 @@ from torch import nn
 
 from ..model_state import eval_mode, frozen_running_stats
 from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
-from .pgd import ce_attack, project_linf
+from .pgd import attack_start, ce_attack, uniform_start
 
 __all__ = ["pgd_at"]
 
@@ -20,6 +20,7 @@ def pgd_at(
     eps: float,
     step_size: float,
     steps: int,
+    init: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """The PGD-AT loss ``CE(f(x'), y)``, batch mean, with ``x'`` from PGD on the cross-entropy.
 
@@ -46,9 +47,12 @@ def pgd_at(
         eps: L-inf radius (required; the reference uses 8/255).
         step_size: attack step (required; the reference uses 2/255).
         steps: attack steps (required; the reference uses 10).
+        init: where the attack starts instead of its usual start, e.g. last epoch's example from
+            :meth:`memloss_addon.MemoryWrapper.recall`; projected into the eps-ball and ``[0, 1]``,
+            and no random number is drawn for the start. ``steps`` may then be as low as 1.
 
     Returns:
-        ``ObjectiveOutput(loss, adv, logits)``.
+        ``ObjectiveOutput(loss, adv, logits, adv_logits)``.
 
     Raises:
         ValueError: a bad ``eps``, ``step_size`` or ``steps``, or ``x`` outside ``[0, 1]``.
@@ -66,10 +70,11 @@ def pgd_at(
     check_attack_args(eps=eps, step_size=step_size, steps=steps)
     check_inputs(x, y)
     x_clean = x.detach()
-    start = project_linf(x_clean + eps * (2.0 * torch.rand_like(x_clean) - 1.0), x_clean, eps)
+    start = attack_start(x_clean, init, eps=eps, default=lambda: uniform_start(x_clean, eps))
     with eval_mode(model):
         adv = ce_attack(model, x_clean, y, start, eps=eps, step_size=step_size, steps=steps)
-    loss = cross_entropy(model(adv), y)
+    adv_logits = model(adv)
+    loss = cross_entropy(adv_logits, y)
     with frozen_running_stats(model):
         logits = model(x)
-    return ObjectiveOutput(loss=loss, adv=adv, logits=logits)
+    return ObjectiveOutput(loss=loss, adv=adv, logits=logits, adv_logits=adv_logits)

@@ -9,7 +9,7 @@ from ..checks import finite_number
 from ..loss import no_autocast, upcast
 from ..model_state import frozen_running_stats
 from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
-from .pgd import ce_attack, project_linf
+from .pgd import attack_start, ce_attack, uniform_start
 
 __all__ = ["single_step"]
 
@@ -23,6 +23,7 @@ def single_step(
     step_size: float,
     steps: int = 1,
     reg_weight: float,
+    init: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """FGSM training with a random start, plus a regularizer against gradient masking.
 
@@ -57,10 +58,13 @@ def single_step(
         eps: L-inf radius (required).
         step_size: step from the random start (required; Wong et al. use ``1.25 * eps``).
         steps: must be 1; accepted so that every objective takes the same attack arguments.
+        init: where the attack starts instead of its usual start, e.g. last epoch's example from
+            :meth:`memloss_addon.MemoryWrapper.recall`; projected into the eps-ball and ``[0, 1]``,
+            and no random number is drawn for the start. ``steps`` may then be as low as 1.
         reg_weight: weight of the regularizer (required; ``0`` gives plain FGSM-RS).
 
     Returns:
-        ``ObjectiveOutput(loss, adv, logits)``: ``adv`` is ``x'``.
+        ``ObjectiveOutput(loss, adv, logits, adv_logits)``: ``adv`` is ``x'``.
 
     Raises:
         ValueError: a bad ``eps``, ``step_size`` or ``reg_weight``, ``steps != 1``, or ``x``
@@ -82,7 +86,7 @@ def single_step(
     reg_weight = finite_number("reg_weight", reg_weight)
     check_inputs(x, y)
     x_clean = x.detach()
-    start = project_linf(x_clean + eps * (2.0 * torch.rand_like(x_clean) - 1.0), x_clean, eps)
+    start = attack_start(x_clean, init, eps=eps, default=lambda: uniform_start(x_clean, eps))
     with frozen_running_stats(model):
         adv = ce_attack(model, x_clean, y, start, eps=eps, step_size=step_size, steps=1)
         if reg_weight > 0:
@@ -97,4 +101,4 @@ def single_step(
             loss = loss + reg_weight * gap.pow(2).sum(dim=1).mean()
     with frozen_running_stats(model):
         logits = model(x)
-    return ObjectiveOutput(loss=loss, adv=adv, logits=logits)
+    return ObjectiveOutput(loss=loss, adv=adv, logits=logits, adv_logits=adv_logits)

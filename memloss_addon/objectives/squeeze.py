@@ -9,7 +9,7 @@ from ..checks import finite_number
 from ..loss import kl_rows, log_probs
 from ..model_state import frozen_running_stats
 from ._common import ObjectiveOutput, check_attack_args, check_inputs, cross_entropy
-from .pgd import project_linf
+from .pgd import attack_start, project_linf
 
 __all__ = ["squeeze"]
 
@@ -51,6 +51,7 @@ def squeeze(
     step_size: float,
     steps: int,
     beta: float,
+    init: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """The Squeeze Training loss ``CE(f(x), y) + beta * SKL(upper, lower)``.
 
@@ -88,12 +89,15 @@ def squeeze(
         eps: L-inf radius (required; the reference uses 8/255).
         step_size: attack step (required; the reference uses 2/255, and 1/255 on SVHN).
         steps: attack steps (required; the reference uses 10).
+        init: where the attack starts instead of its usual start, e.g. last epoch's example from
+            :meth:`memloss_addon.MemoryWrapper.recall`; projected into the eps-ball and ``[0, 1]``,
+            and no random number is drawn for the start. ``steps`` may then be as low as 1.
         beta: weight of the SKL term (required: the reference has no default; its RST script uses
             6.0).
 
     Returns:
-        ``ObjectiveOutput(loss, adv, logits)``: ``adv`` is ``x_adv``, ``logits`` the clean logits
-        the loss uses.
+        ``ObjectiveOutput(loss, adv, logits, adv_logits)``: ``adv`` is ``x_adv``, ``logits`` the
+        clean logits the loss uses.
 
     Raises:
         ValueError: a bad ``eps``, ``step_size``, ``steps`` or ``beta``, or ``x`` outside
@@ -113,8 +117,12 @@ def squeeze(
     beta = finite_number("beta", beta)
     check_inputs(x, y)
     x_clean = x.detach()
-    x_adv = x_clean + 0.001 * torch.randn_like(x_clean)
-    x_col = x_clean + 0.001 * torch.randn_like(x_clean)
+    if init is None:
+        x_adv = x_clean + 0.001 * torch.randn_like(x_clean)
+        x_col = x_clean + 0.001 * torch.randn_like(x_clean)
+    else:  # the collaborative example starts at x: the memory holds adversarial examples only
+        x_adv = attack_start(x_clean, init, eps=eps, default=lambda: x_clean)
+        x_col = x_clean.clone()
 
     with frozen_running_stats(model), torch.enable_grad():
         with torch.no_grad():
@@ -156,4 +164,4 @@ def squeeze(
     loss = cross_entropy(logits, y) + beta * _symmetric_kl(
         _pick(stacked, upper), _pick(stacked, lower)
     )
-    return ObjectiveOutput(loss=loss, adv=x_adv, logits=logits)
+    return ObjectiveOutput(loss=loss, adv=x_adv, logits=logits, adv_logits=adv_logits)

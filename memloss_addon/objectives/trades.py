@@ -23,6 +23,7 @@ def trades(
     step_size: float,
     steps: int,
     beta: float,
+    init: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """The TRADES loss ``CE(f(x), y) + beta * (1/B) sum_i KL(p(x_i) || p(x'_i))``.
 
@@ -57,9 +58,13 @@ def trades(
         steps: attack steps (required; the reference trains with 10).
         beta: weight of the KL term (required; the reference trains with 6.0, its function default
             is 1.0, its README suggests 1 to 10).
+        init: where the attack starts instead of its usual start, e.g. last epoch's example from
+            :meth:`memloss_addon.MemoryWrapper.recall`; projected into the eps-ball and ``[0, 1]``,
+            and no random number is drawn for the start. ``steps`` may then be as low as 1.
 
     Returns:
-        ``ObjectiveOutput(loss, adv, logits)``: ``logits`` are the clean logits the loss uses.
+        ``ObjectiveOutput(loss, adv, logits, adv_logits)``: ``logits`` are the clean logits the
+        loss uses.
 
     Raises:
         ValueError: a bad ``eps``, ``step_size``, ``steps`` or ``beta``, or ``x`` outside
@@ -80,9 +85,9 @@ def trades(
     beta = finite_number("beta", beta)
     check_inputs(x, y)
     with eval_mode(model):
-        adv = kl_attack(model, x, eps=eps, step_size=step_size, steps=steps)
+        adv = kl_attack(model, x, eps=eps, step_size=step_size, steps=steps, init=init)
     logits = model(x)
     adv_logits = model(adv)
     robust = kl_rows(log_probs(logits), log_probs(adv_logits)).sum() / len(x)
     loss = cross_entropy(logits, y) + beta * robust
-    return ObjectiveOutput(loss=loss, adv=adv, logits=logits)
+    return ObjectiveOutput(loss=loss, adv=adv, logits=logits, adv_logits=adv_logits)
