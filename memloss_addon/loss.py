@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .checks import check_choice
 from .options import WEIGHTINGS, Weighting
+from .store import transfer
 
 __all__ = [
     "kl_rows",
@@ -152,14 +153,17 @@ def memloss_term(
         0.0555
     """
     batch_size = clean_logits.shape[0]
-    rows = sample_of_row.to(clean_logits.device)
+    # Host indices reach the GPU without a blocking copy (see store.transfer).
+    rows = transfer.to_device(sample_of_row, clean_logits.device)
+    target_rows = rows if targets.device == rows.device else sample_of_row.to(targets.device)
     kl, weight = memory_kl_rows(
         clean_logits.index_select(0, rows),
         memory_logits,
-        targets.index_select(0, rows.to(targets.device)).to(clean_logits.device),
+        targets.index_select(0, target_rows).to(clean_logits.device),
         weighting=weighting,
         detach_weight=detach_weight,
     )
-    per_row_share = slots_of_sample.to(kl.device).index_select(0, rows).to(kl.dtype)
+    per_row_share = transfer.to_device(slots_of_sample, kl.device).index_select(0, rows)
+    per_row_share = per_row_share.to(kl.dtype)
     term = (weight * kl / per_row_share).sum() * (beta_prime / batch_size)
     return term, weight.detach()

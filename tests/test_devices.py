@@ -30,9 +30,11 @@ def test_library_never_calls_cuda_directly():
     assert offenders == []
 
 
-def test_cpu_memory_is_not_pinned_without_cuda():
+def test_the_rows_of_a_cpu_memory_are_never_pinned():
+    # Only the staging buffers of reads to CUDA are (see tests/test_gpu_path_cpu.py).
     memory = MemoryWrapper(nn.Identity(), 4, (2,))
-    assert memory.store.rows.is_pinned is torch.cuda.is_available()
+    assert not memory.store.rows.data.is_pinned()
+    assert memory.store.rows.pinned_staging is torch.cuda.is_available()
 
 
 def run_steps(memory_device: str, batch_device: str, steps: int = 12, **options) -> list[float]:
@@ -62,9 +64,24 @@ def test_pinned_cpu_memory_with_cuda_batches_matches_cpu(dtype):
 
 
 @requires_cuda
-def test_pinned_memory_is_pinned_and_staging_is_reused():
-    memory = MemoryWrapper(nn.Linear(6, 5).to("cuda"), 16, (6,))
-    assert memory.store.rows.is_pinned
+def test_staging_buffers_are_pinned_reused_and_counted():
+    model = nn.Linear(6, 5).to("cuda")
+    memory = MemoryWrapper(model, 16, (6,))
+    rows = memory.store.rows
+    assert not rows.data.is_pinned()
+    x = torch.rand(8, 6, device="cuda")
+    y = torch.zeros(8, dtype=torch.long, device="cuda")
+    halves = [torch.arange(8), torch.arange(8, 16)]
+    for idx in halves * 2:  # fills every sample, then reads 8 rows into each staging buffer
+        memory(idx, x, x, model(x), y)
+    buffers = rows._staging.buffers
+    pointers = [buffer.data_ptr() for buffer in buffers]
+    assert all(buffer.is_pinned() for buffer in buffers)
+    for idx in halves * 2:
+        memory(idx, x, x, model(x), y)
+    assert [buffer.data_ptr() for buffer in rows._staging.buffers] == pointers
+    # 8 rows of 24 bytes: each buffer locks a block of 256 bytes (and holds 10 rows).
+    assert rows.nbytes == 16 * 24 + 2 * 256
 
 
 @requires_cuda

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memloss_addon import MemoryWrapper
+from memloss_addon.store import placement
 from tests.conftest import requires_cuda
 from tests.helpers import ReferenceMemory, adversarial_stand_in, epoch_batches, mlp
 
@@ -138,16 +139,39 @@ def test_prefetch_before_the_first_call_and_bad_indices():
 
 
 @requires_cuda
-@pytest.mark.parametrize("storage", ["cpu", "cuda"])
-def test_prefetch_to_cuda_equals_a_plain_read(storage):
+@pytest.mark.parametrize("storage", ["cpu", "cuda", "disk"])
+def test_prefetch_to_cuda_is_used_and_equals_a_plain_read(storage, tmp_path, monkeypatch):
+    waits = []
+    original_wait = placement.PendingRead.wait
+
+    def counted_wait(self):
+        waits.append(1)
+        return original_wait(self)
+
+    monkeypatch.setattr(placement.PendingRead, "wait", counted_wait)
     model = mlp().cuda()
-    memory = MemoryWrapper(model, N, (FEATURES,), depth=2, device=storage)
-    plain = MemoryWrapper(model, N, (FEATURES,), depth=2, device=storage)
+    where = {"storage_path": tmp_path / "disk"} if storage == "disk" else {"device": storage}
+    memory = MemoryWrapper(model, N, (FEATURES,), depth=2, **where)
+    plain = MemoryWrapper(
+        model, N, (FEATURES,), depth=2, device="cpu" if storage == "disk" else storage
+    )
+    counter = ReadCounter(memory)
+    device = torch.device("cuda", torch.cuda.current_device())
     batches = [(epoch, b) for epoch in range(3) for b in epoch_batches(N, 4, epoch)]
+    written: set[int] = set()
+    with_rows = 0  # calls whose batch has a stored sample: each must use its prefetch
     for step, (epoch, idx) in enumerate(batches):
+        with_rows += bool(written & set(idx.tolist()))
         got = call(memory, idx, epoch, device="cuda")
         assert got == pytest.approx(call(plain, idx, epoch, device="cuda"), rel=1e-6, abs=1e-12)
+        written |= set(idx.tolist())
         if step + 1 < len(batches):
+            side = (memory.store.rows._side_streams or {}).get(device)
+            if side is not None:  # the prefetch's copy runs late: a missing wait would show
+                with torch.cuda.stream(side):
+                    torch.cuda._sleep(20_000_000)
             memory.prefetch(batches[step + 1][1], device="cuda")
-    if storage == "cpu":
+    assert counter.calls == 0  # no synchronous read: every call with rows used its prefetch
+    assert len(waits) == with_rows > 0
+    if storage != "cuda":
         assert memory.store.rows._prefetch_buffer.is_pinned()
