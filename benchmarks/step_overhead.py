@@ -134,7 +134,7 @@ class StepBench:
                         idx = torch.arange(first, first + batch)
                         x = self.x[idx]
                         adv = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)
-                        memory(idx, x, adv, self.model(x), self.y[idx])
+                        memory(idx, x, adv, self.model(x), self.y[idx], write=True)
                 assert memory.stats()["filled_fraction"] == 1.0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,7 +242,7 @@ def distributed_worker(rank: int, config: dict[str, Any], folder: str) -> None:
                     )
                     x = x_all[idx]
                     adv = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)
-                    memory(idx, x, adv, model(x), y_all[idx])
+                    memory(idx, x, adv, model(x), y_all[idx], write=True)
                 assert memory.stats()["filled_fraction"] == 1.0
         objective, kwargs = method_table(config["steps"])[config["method"]]
         variants = ["base", *LAYOUTS]

@@ -6,23 +6,36 @@ the MemLoss term against the clean logits, then store this step's adversarial ex
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .checks import check_batch, check_choice, check_indices, check_shape, positive_int
-from .loss import memloss_term
-from .model_state import batchnorm_mode
+from .checks import (
+    check_batch,
+    check_choice,
+    check_indices,
+    check_shape,
+    finite_number,
+    positive_int,
+)
+from .loss import log_probs, memloss_term
+from .model_state import batchnorm_mode, eval_mode
+from .objectives.pgd import project_linf
 from .options import BN_MODES, WEIGHTINGS, BNMode, Distribution, Mode, Weighting
+from .statistics import Counters
 from .store import FORMAT_VERSION, dtype_name, estimate_nbytes, resolve_device
 from .store.factory import make_store
 from .store.file_format import MemoryFileError, mapped_memory_file, write_memory_file
 from .store.files import PathLike
+from .store.local import READABLE_FORMAT_VERSIONS, MemoryRead, SeenAtWrite
+from .store.slots import FOOLED_UNKNOWN
 
 __all__ = ["MemoryWrapper"]
 
@@ -73,6 +86,20 @@ class MemoryWrapper:
         storage_path: keep the memory in this folder on disk instead of RAM, so it may exceed
             RAM; an existing folder of the same configuration is reopened, bookkeeping included.
             See :mod:`memloss_addon.store.disk`.
+        replay_fraction: selective replay (default 1.0: every filled slot). With ``f < 1`` a call
+            runs the model on only the ``ceil(f * R)`` of its ``R`` filled memory rows with the
+            largest last known weight ``1 - p_y``, from the last time the model saw the example:
+            at a read, or when it was stored if the call that stored it passed ``adv_logits``.
+            Rows never seen come first; ties go in batch order. The rows left out are not read
+            and contribute 0, and the term keeps its ``1/B`` normalisation, so it shrinks with
+            ``f`` (raise ``beta_prime`` to compensate). Not available with ``distributed``.
+        diagnostics: classify every memory row a call reads with the current model (eval mode,
+            no gradient, BatchNorm statistics, module flags and random streams untouched), and
+            count in :meth:`stats` how many are classified correctly now, and how many were
+            forgotten (did not fool the model when stored, fool it now) or recovered (the other
+            way round; known for rows stored by calls that passed ``adv_logits``). Costs one
+            forward pass of the read rows and one host sync per call. With it, rows are read
+            (and classified) also when ``beta_prime`` is 0, which keeps training unchanged.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value (the message names it).
@@ -93,9 +120,10 @@ class MemoryWrapper:
         parent module never move, cast or save the memory. Save it with :meth:`state_dict`.
     """
 
-    _term_sum: torch.Tensor | None
-    _weight_sum: torch.Tensor | None
-    _last_term: torch.Tensor | float | None
+    _warned_no_write: bool
+    _warned_labels: bool
+    _checked_coverage: bool
+    _frozen: bool
 
     def __init__(
         self,
@@ -117,6 +145,8 @@ class MemoryWrapper:
         distributed: Distribution | None = None,
         process_group: Any = None,
         storage_path: str | os.PathLike[str] | None = None,
+        replay_fraction: float = 1.0,
+        diagnostics: bool = False,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
@@ -129,6 +159,18 @@ class MemoryWrapper:
             raise TypeError(f"detach_weight must be a bool, got {detach_weight!r}")
         if logits_fn is not None and not callable(logits_fn):
             raise TypeError(f"logits_fn must be callable or None, got {logits_fn!r}")
+        replay_fraction = finite_number("replay_fraction", replay_fraction, positive=True)
+        if replay_fraction > 1:
+            raise ValueError(f"replay_fraction must lie in (0, 1], got {replay_fraction!r}")
+        if replay_fraction < 1 and distributed is not None:
+            raise ValueError(
+                f"replay_fraction={replay_fraction} is not available with distributed="
+                f"{distributed!r}: the weights that select rows are kept by one process"
+            )
+        self.replay_fraction = replay_fraction
+        if not isinstance(diagnostics, bool):
+            raise TypeError(f"diagnostics must be a bool, got {diagnostics!r}")
+        self.diagnostics = diagnostics
         self._model = model
         self.beta_prime = beta_prime
         self.weighting: Weighting = weighting
@@ -220,7 +262,7 @@ class MemoryWrapper:
 
         Example:
             >>> MemoryWrapper.estimate_nbytes(50_000, (3, 32, 32), dtype=torch.float16)
-            307600000
+            307850000
         """
         return estimate_nbytes(
             positive_int("num_samples", num_samples),
@@ -238,6 +280,9 @@ class MemoryWrapper:
         adv: torch.Tensor,
         logits: torch.Tensor,
         targets: torch.Tensor,
+        *,
+        adv_logits: torch.Tensor | None = None,
+        write: bool | None = None,
     ) -> torch.Tensor:
         """Returns the MemLoss term of the batch, then stores ``adv`` in the memory.
 
@@ -247,6 +292,13 @@ class MemoryWrapper:
             adv: ``(B, *sample_shape)`` this step's adversarial examples (stored detached).
             logits: ``(B, C)`` clean logits, with their graph.
             targets: ``(B,)`` integer labels.
+            adv_logits: ``(B, C)`` the model's logits on ``adv`` (the objectives return them), if
+                at hand: the memory then records whether each stored example fooled the model
+                when it was made (for the forgetting diagnostics). Costs no forward pass.
+            write: store ``adv`` (``True``) or not (``False``). By default a call stores only
+                when the model is in training mode with gradients enabled, outside
+                :meth:`frozen`: a call made while evaluating (a test batch, say) would otherwise
+                overwrite training samples' memory; such a call warns once.
 
         Returns:
             A 0-dim fp32 tensor. Zero, with no forward pass, when no sample of the batch has a
@@ -260,14 +312,93 @@ class MemoryWrapper:
                 clean=clean, adv=adv, logits=logits, targets=targets, sample_shape=self.sample_shape
             )
             index = check_indices(indices, batch_size=clean.shape[0], num_samples=self.num_samples)
+            if adv_logits is not None:
+                _check_adv_logits(adv_logits, logits)
         except (TypeError, ValueError, IndexError):
             self.store.abort()  # a distributed store tells the other ranks, which raise too
             raise
+        self._warn_if_indices_look_like_labels(index, targets)
         term = self._term(index, clean, logits, targets)
+        if not self._should_write(write):
+            return term
         with torch.no_grad():
-            rejected = self.store.write(index, adv, clean)
+            seen = None if adv_logits is None else _seen_at_write(adv_logits, targets)
+            rejected = self.store.write(index, adv, clean, seen=seen)
         self._count_write(index.shape[0], rejected)
+        self._warn_if_samples_are_never_visited()
         return term
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Calls inside this block compute the term but store nothing (no warning).
+
+        Example:
+            >>> model = nn.Linear(2, 2)
+            >>> memory = MemoryWrapper(model, num_samples=2, sample_shape=(2,))
+            >>> x, y = torch.rand(2, 2), torch.tensor([0, 1])
+            >>> with memory.frozen():
+            ...     _ = memory(torch.arange(2), x, x, model(x), y)
+            >>> memory.stats()["rows_written"]
+            0
+        """
+        previous, self._frozen = self._frozen, True
+        try:
+            yield
+        finally:
+            self._frozen = previous
+
+    def _should_write(self, write: bool | None) -> bool:
+        if write is not None:
+            if not isinstance(write, bool):
+                raise TypeError(f"write must be a bool or None, got {write!r}")
+            return write
+        if self._frozen:
+            return False
+        training = self._model.training if isinstance(self._model, nn.Module) else True
+        if training and torch.is_grad_enabled():
+            return True
+        if not self._warned_no_write:
+            self._warned_no_write = True
+            state = "in eval mode" if not training else "under torch.no_grad()"
+            warnings.warn(
+                f"MemoryWrapper called with the model {state}: adv was not stored, so an "
+                "evaluation batch cannot overwrite training samples' memory. Pass write=True to "
+                "store anyway, or call inside memory.frozen() to silence this warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+
+    def _warn_if_indices_look_like_labels(self, index: torch.Tensor, targets: torch.Tensor) -> None:
+        # Checked for CPU targets only: on CUDA the comparison would cost a host sync per call.
+        if self._warned_labels or targets.device.type != "cpu" or index.numel() < 8:
+            return
+        if torch.equal(index, targets.to(torch.int64)):
+            self._warned_labels = True
+            warnings.warn(
+                "the indices passed to MemoryWrapper equal the labels: pass each sample's dataset "
+                "index (IndexedDataset adds it to every batch), not its class",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _warn_if_samples_are_never_visited(self) -> None:
+        if self._checked_coverage:
+            return
+        stats = self.store.stats()
+        written = int(stats.get("rows_accepted_all_ranks", self._counters.counts["rows_written"]))
+        if written < 2 * self.num_samples:
+            return
+        self._checked_coverage = True  # once: the check reads all fill counts
+        missing = self.num_samples - self.store.filled_samples()
+        if missing:
+            warnings.warn(
+                f"{missing} of {self.num_samples} samples have no memory after "
+                f"{written} rows were stored (two epochs' worth): a loader with drop_last=True, "
+                "or a sampler that skips samples, never gives them a memory example",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _term(
         self,
@@ -276,16 +407,24 @@ class MemoryWrapper:
         logits: torch.Tensor,
         targets: torch.Tensor,
     ) -> torch.Tensor:
-        self._calls += 1
-        if self._beta_prime == 0.0:
+        self._counters.count(calls=1)
+        if self._beta_prime == 0.0 and not self.diagnostics:
             return self._zero(logits)
         with torch.no_grad():
             read = self.store.read(index, clean)
+        if self.diagnostics and read.num_rows:
+            self._diagnose(read, targets, num_classes=logits.shape[1])
+        if self._beta_prime == 0.0:
+            return self._zero(logits)
+        if self.replay_fraction < 1 and read.num_rows:
+            filled = read.num_rows
+            read = read.subset(self._select_rows(read))
+            self._counters.count(rows_skipped=filled - read.num_rows)
         if not read.needs_forward:
             return self._zero(logits)
         with batchnorm_mode(self._model, self.bn_mode):
             output = self._model(read.examples)
-        memory_logits = self.logits_fn(output) if self.logits_fn is not None else output
+        memory_logits = self._as_logits(output, num_classes=logits.shape[1])
         term, weight = memloss_term(
             logits,
             memory_logits,
@@ -296,11 +435,138 @@ class MemoryWrapper:
             weighting=self.weighting,
             detach_weight=self.detach_weight,
         )
-        self._count_read(read.num_rows, term, weight)
+        self._counters.count(terms_computed=1, rows_read=read.num_rows)
+        self._counters.add_term(term, weight)
+        if self.replay_fraction < 1 and read.slot_ids is not None:
+            self.store.record_weights(read.slot_ids, _difficulty(memory_logits, targets, read))
         return term
 
+    def _as_logits(self, output: Any, *, num_classes: int | None) -> torch.Tensor:
+        """The model's output as logits like the caller's, or a TypeError naming ``logits_fn``."""
+        memory_logits = self.logits_fn(output) if self.logits_fn is not None else output
+        if (
+            not isinstance(memory_logits, torch.Tensor)
+            or not memory_logits.is_floating_point()
+            or memory_logits.dim() != 2
+            or (num_classes is not None and memory_logits.shape[1] != num_classes)
+        ):
+            got = (
+                f"a tensor of shape {tuple(memory_logits.shape)} and dtype {memory_logits.dtype}"
+                if isinstance(memory_logits, torch.Tensor)
+                else f"a {type(memory_logits).__name__}"
+            )
+            source = "logits_fn(model(x))" if self.logits_fn is not None else "the model"
+            shape = f"(batch, {num_classes})" if num_classes is not None else "(batch, classes)"
+            raise TypeError(
+                f"{source} returned {got}, not logits of shape {shape}; for a model that "
+                "returns a tuple or dict, pass logits_fn= to MemoryWrapper to pick the logits "
+                "out of its output"
+            )
+        return memory_logits
+
+    def check_model(self, inputs: torch.Tensor, *, num_classes: int | None = None) -> None:
+        """Runs the model on one input now, to find an output the memory cannot use before
+        training starts rather than at the first memory read (an epoch in).
+
+        A call never runs the model before the memory holds something, so a model whose output
+        is a tuple or dict (and no ``logits_fn``) would otherwise fail only then. The check runs
+        in eval mode without gradient and with the random streams forked: no BatchNorm
+        statistic, module flag or random stream changes, so training is unaffected.
+
+        Args:
+            inputs: a batch of inputs (its first row is used).
+            num_classes: the number of classes the logits must have (default: any).
+
+        Raises:
+            TypeError: the output (through ``logits_fn``) is not 2-D floating-point logits; the
+                message names ``logits_fn``.
+
+        Example:
+            >>> memory = MemoryWrapper(nn.Linear(2, 3), num_samples=4, sample_shape=(2,))
+            >>> memory.check_model(torch.rand(8, 2), num_classes=3)
+        """
+        _check_clean(inputs, self.sample_shape)
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        with torch.no_grad(), eval_mode(self._model), torch.random.fork_rng(devices=devices):
+            output = self._model(inputs[:1].detach())
+        self._as_logits(output, num_classes=num_classes)
+
+    def _diagnose(self, read: MemoryRead, targets: torch.Tensor, *, num_classes: int) -> None:
+        """Classifies every memory row read with the current model (eval mode, no gradient)."""
+        devices = [read.examples.device] if read.examples.device.type == "cuda" else []
+        with torch.no_grad(), eval_mode(self._model), torch.random.fork_rng(devices=devices):
+            output = self._model(read.examples)
+        predicted = self._as_logits(output, num_classes=num_classes).argmax(dim=1)
+        labels = targets.index_select(0, read.sample_of_row.to(targets.device))
+        correct = (predicted == labels.to(predicted.device)).cpu().numpy()
+        fooled = (
+            np.full(correct.shape, FOOLED_UNKNOWN, dtype=np.uint8)
+            if read.slot_ids is None
+            else self.store.fooled_at_write(read.slot_ids).numpy()
+        )
+        known = fooled != FOOLED_UNKNOWN
+        self._counters.count(
+            rows_classified=int(correct.size),
+            rows_correct=int(correct.sum()),
+            rows_seen_at_write=int(known.sum()),
+            rows_forgotten=int(((fooled == 0) & ~correct).sum()),
+            rows_recovered=int(((fooled == 1) & correct).sum()),
+        )
+
+    def _select_rows(self, read: MemoryRead) -> torch.Tensor:
+        """The ``ceil(f * R)`` rows with the largest last weight (unseen first), in batch order."""
+        assert read.slot_ids is not None  # a local store names its rows' slots
+        keep = math.ceil(self.replay_fraction * read.num_rows)
+        weights = self.store.last_weights(read.slot_ids).numpy()
+        chosen = np.argsort(-weights, kind="stable")[:keep]  # stable: ties in batch order
+        return torch.from_numpy(np.sort(chosen))
+
+    def recall(
+        self, indices: torch.Tensor, clean: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's newest stored example, to start this step's attack from.
+
+        In mode ``"example"`` the example is projected into the eps-ball of the current ``clean``
+        and ``[0, 1]`` when ``eps`` is set; in mode ``"perturbation"`` it is
+        ``clip(clean + delta, 0, 1)``. A sample with no filled slot gets its ``clean`` row. No
+        model call, no random numbers, and the memory and its counters are unchanged. The rows
+        read are kept for the step's call with the same indices, which then reads (and, sharded,
+        exchanges) nothing again. On a distributed memory every rank must call it, as the call.
+
+        Args:
+            indices: ``(B,)`` dataset indices, as for a call.
+            clean: ``(B, *sample_shape)`` clean inputs.
+
+        Returns:
+            ``(start, found)``: ``(B, *sample_shape)`` on ``clean``'s device and dtype, and
+            ``(B,)`` bool on ``clean``'s device (whether the sample had a stored example).
+
+        Raises:
+            TypeError, ValueError, IndexError: bad arguments, as for a call.
+
+        Example:
+            >>> model = nn.Linear(2, 2)
+            >>> memory = MemoryWrapper(model, num_samples=4, sample_shape=(2,), eps=0.1)
+            >>> x, y = torch.full((2, 2), 0.5), torch.tensor([0, 1])
+            >>> _ = memory(torch.tensor([0, 1]), x, x + 0.05, model(x), y)
+            >>> start, found = memory.recall(torch.tensor([1, 3]), x)
+            >>> start.tolist(), found.tolist()
+            ([[0.550000011920929, 0.550000011920929], [0.5, 0.5]], [True, False])
+        """
+        try:
+            _check_clean(clean, self.sample_shape)
+            index = check_indices(indices, batch_size=clean.shape[0], num_samples=self.num_samples)
+        except (TypeError, ValueError, IndexError):
+            self.store.abort()
+            raise
+        with torch.no_grad():
+            start, found = self.store.recall(index, clean)
+            if self.mode == "example" and self.eps is not None:
+                start = project_linf(start, clean.detach(), self.eps)
+        return start, found.to(clean.device)
+
     def _zero(self, logits: torch.Tensor) -> torch.Tensor:
-        self._last_term = 0.0  # a float: stats() then needs no device sync for it
+        self._counters.last_term = 0.0  # a float: stats() then needs no device sync for it
         # A fresh zero: adding it changes no value or gradient, and it can be backpropagated.
         return torch.zeros(
             (),
@@ -312,35 +578,16 @@ class MemoryWrapper:
     # ------------------------------------------------------------------ statistics
 
     def _reset_counters(self) -> None:
-        self._calls = 0
-        self._terms_computed = 0
-        self._rows_read = 0
-        self._rows_written = 0
-        self._rejected_rows = 0
+        self._counters = Counters()
+        self._window_start = self._counters.copy()
         self._warned_rejected = False
-        # Sums stay on the batch's device so that a step never waits for the GPU.
-        self._term_sum = None
-        self._weight_sum = None
-        self._last_term = None
-
-    def _count_read(self, rows: int, term: torch.Tensor, weight: torch.Tensor) -> None:
-        self._terms_computed += 1
-        self._rows_read += rows
-        value = term.detach().double()
-        device = value.device
-        term_sum, weight_sum = self._term_sum, self._weight_sum
-        if term_sum is None or weight_sum is None:
-            term_sum = torch.zeros((), dtype=torch.float64, device=device)
-            weight_sum = torch.zeros((), dtype=torch.float64, device=device)
-        elif term_sum.device != device:  # the batch moved (or a loaded state): follow it
-            term_sum, weight_sum = term_sum.to(device), weight_sum.to(device)
-        self._term_sum = term_sum + value
-        self._weight_sum = weight_sum + weight.double().sum()
-        self._last_term = value
+        self._warned_no_write = False
+        self._warned_labels = False
+        self._checked_coverage = False
+        self._frozen = False
 
     def _count_write(self, rows: int, rejected: int) -> None:
-        self._rows_written += rows - rejected
-        self._rejected_rows += rejected
+        self._counters.count(rows_written=rows - rejected, rejected_rows=rejected)
         if rejected and not self._warned_rejected:
             self._warned_rejected = True
             warnings.warn(
@@ -351,32 +598,47 @@ class MemoryWrapper:
                 stacklevel=3,
             )
 
-    def stats(self) -> dict[str, float | int]:
-        """Counters for logging.
+    def stats(self) -> dict[str, Any]:
+        """Counters since the memory was built (or loaded), for logging.
 
-        Keys: ``calls``, ``terms_computed`` (calls that ran the memory forward pass), ``rows_read``
-        (memory examples used), ``rows_written``, ``rejected_rows`` (non-finite rows not stored),
-        ``filled_fraction`` (filled slots / all slots), ``mean_term`` and ``mean_weight`` (over the
-        calls that computed a term; NaN before the first), ``last_term`` (the value the last call
-        returned; NaN before the first call), ``nbytes``.
-        This synchronizes with the GPU once; call it when logging, not every step.
+        Keys: ``calls``; ``terms_computed`` (calls that ran the memory forward pass);
+        ``rows_read`` (memory examples that went through the model for the term);
+        ``rows_skipped`` (filled rows that selective replay left out); ``rows_written``;
+        ``rejected_rows`` (rows of adv not stored: NaN, Inf, overflow); the diagnostics
+        ``rows_classified``, ``rows_correct``, ``rows_seen_at_write``, ``rows_forgotten``,
+        ``rows_recovered`` and ``memory_accuracy`` (see ``diagnostics``); ``mean_term`` (mean
+        over the calls that computed a term), ``mean_weight`` (mean weight of the rows read),
+        ``last_term`` (what the last call returned); ``filled_fraction`` (filled slots over all
+        slots) and ``nbytes``; a distributed memory adds its traffic. A mean is ``None`` where
+        nothing was computed. Reading it synchronizes with the GPU once: call it when logging.
         """
-        computed = self._terms_computed
-        term_sum = float(self._term_sum) if self._term_sum is not None else 0.0
-        weight_sum = float(self._weight_sum) if self._weight_sum is not None else 0.0
         return {
-            "calls": self._calls,
-            "terms_computed": computed,
-            "rows_read": self._rows_read,
-            "rows_written": self._rows_written,
-            "rejected_rows": self._rejected_rows,
+            **self._counters.report(),
             "filled_fraction": self.store.filled_fraction(),
-            "mean_term": term_sum / computed if computed else float("nan"),
-            "mean_weight": weight_sum / self._rows_read if self._rows_read else float("nan"),
-            "last_term": float(self._last_term) if self._last_term is not None else float("nan"),
             "nbytes": self.nbytes,
             **self.store.stats(),
         }
+
+    def epoch_stats(self) -> dict[str, Any]:
+        """The counters of :meth:`stats` since the previous ``epoch_stats()`` call, then a new
+        window starts (the first window starts when the memory is built or loaded).
+
+        Call it once at the end of each epoch for per-epoch figures: ``mean_term`` is then that
+        epoch's mean term, where :meth:`stats` averages over the whole run. Means are ``None``
+        where the window computed none; ``filled_fraction`` is the current one.
+
+        Example:
+            >>> model = nn.Linear(2, 2)
+            >>> memory = MemoryWrapper(model, num_samples=2, sample_shape=(2,))
+            >>> x, y = torch.rand(2, 2), torch.tensor([0, 1])
+            >>> _ = memory(torch.arange(2), x, x, model(x), y)
+            >>> first = memory.epoch_stats()
+            >>> first["calls"], first["mean_term"], memory.epoch_stats()["calls"]
+            (1, None, 0)
+        """
+        report = self._counters.report(since=self._window_start)
+        self._window_start = self._counters.copy()
+        return {**report, "filled_fraction": self.store.filled_fraction()}
 
     def prefetch(self, next_indices: object, *, device: str | torch.device | None = None) -> None:
         """Starts reading the memory of the next batch, so the copy overlaps this step's attack.
@@ -429,7 +691,7 @@ class MemoryWrapper:
             "format_version": FORMAT_VERSION,
             "config": self.config(),
             **self.store.state_dict(),
-            "counters": self._counters_state(),
+            "counters": self._counters.state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], *, strict: bool = True) -> None:
@@ -447,9 +709,10 @@ class MemoryWrapper:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         version = state_dict.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
+            readable = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise ValueError(
-                f"memory state has format_version {version!r}, this version reads {FORMAT_VERSION}"
+                f"memory state has format_version {version!r}, this version reads {readable}"
             )
         config = state_dict.get("config")
         if not isinstance(config, dict):
@@ -462,31 +725,11 @@ class MemoryWrapper:
                 f"{k}: saved {a!r} vs this memory {b!r}" for k, (a, b) in mismatched.items()
             )
             raise ValueError(f"memory state does not match this memory's configuration ({details})")
-        counters = _check_counters(state_dict.get("counters"))
+        counters = Counters.check_state(state_dict.get("counters"))
         self.store.load_state(state_dict)
-        self._load_counters(counters)
-
-    def _counters_state(self) -> dict[str, Any]:
-        return {
-            "calls": self._calls,
-            "terms_computed": self._terms_computed,
-            "rows_read": self._rows_read,
-            "rows_written": self._rows_written,
-            "rejected_rows": self._rejected_rows,
-            "term_sum": float(self._term_sum) if self._term_sum is not None else 0.0,
-            "weight_sum": float(self._weight_sum) if self._weight_sum is not None else 0.0,
-            "last_term": float(self._last_term) if self._last_term is not None else float("nan"),
-        }
-
-    def _load_counters(self, counters: dict[str, Any]) -> None:
         self._reset_counters()
-        for key in ("calls", "terms_computed", "rows_read", "rows_written", "rejected_rows"):
-            setattr(self, f"_{key}", int(counters[key]))
-        last_term = float(counters["last_term"])
-        self._last_term = None if math.isnan(last_term) else last_term
-        if self._terms_computed:
-            self._term_sum = torch.tensor(float(counters["term_sum"]), dtype=torch.float64)
-            self._weight_sum = torch.tensor(float(counters["weight_sum"]), dtype=torch.float64)
+        self._counters = Counters.from_state(counters)
+        self._window_start = self._counters.copy()
 
     def __repr__(self) -> str:
         config = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
@@ -521,14 +764,37 @@ class MemoryWrapper:
                 raise MemoryFileError(f"{os.fspath(path)}: {error}") from error
 
 
-def _check_counters(counters: object) -> dict[str, Any]:
-    if not isinstance(counters, dict):
-        raise ValueError("memory state has no 'counters' dict")
-    for key in ("calls", "terms_computed", "rows_read", "rows_written", "rejected_rows"):
-        value = counters.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"memory state counter {key!r} must be an int >= 0, got {value!r}")
-    for key in ("term_sum", "weight_sum", "last_term"):
-        if not isinstance(counters.get(key), (int, float)):
-            raise ValueError(f"memory state counter {key!r} must be a number")
-    return counters
+def _check_adv_logits(adv_logits: object, logits: torch.Tensor) -> None:
+    if not isinstance(adv_logits, torch.Tensor) or not adv_logits.is_floating_point():
+        raise TypeError(
+            f"adv_logits must be a floating-point tensor, got {type(adv_logits).__name__}"
+        )
+    if adv_logits.shape != logits.shape or adv_logits.device != logits.device:
+        raise ValueError(
+            f"adv_logits must have the shape and device of logits, {tuple(logits.shape)} on "
+            f"{logits.device}; got {tuple(adv_logits.shape)} on {adv_logits.device}"
+        )
+
+
+def _seen_at_write(adv_logits: torch.Tensor, targets: torch.Tensor) -> SeenAtWrite:
+    labels = targets.to(adv_logits.device).long()
+    p_true = log_probs(adv_logits.detach()).gather(1, labels.view(-1, 1)).squeeze(1).exp()
+    return SeenAtWrite(fooled=adv_logits.detach().argmax(dim=1) != labels, weight=1.0 - p_true)
+
+
+def _check_clean(clean: object, sample_shape: tuple[int, ...]) -> None:
+    if not isinstance(clean, torch.Tensor) or not clean.is_floating_point():
+        raise TypeError(f"clean must be a floating-point tensor, got {type(clean).__name__}")
+    if clean.dim() == 0 or tuple(clean.shape[1:]) != sample_shape:
+        raise ValueError(
+            f"clean has shape {tuple(clean.shape)}, expected (batch, *{tuple(sample_shape)})"
+        )
+
+
+def _difficulty(
+    memory_logits: torch.Tensor, targets: torch.Tensor, read: MemoryRead
+) -> torch.Tensor:
+    """``1 - p_y`` of each memory row, whatever the term's weighting."""
+    rows = read.sample_of_row.to(targets.device)
+    labels = targets.index_select(0, rows).to(memory_logits.device).long().view(-1, 1)
+    return 1.0 - log_probs(memory_logits.detach()).gather(1, labels).squeeze(1).exp()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from memloss_addon import MemoryWrapper
+from tests.helpers import assert_unchanged, snapshot
 
 N, SHAPE = 6, (1, 2, 2)
 
@@ -26,19 +27,6 @@ def filled_memory(**options) -> MemoryWrapper:
         torch.zeros(N, dtype=torch.long),
     )
     return memory
-
-
-def snapshot(memory: MemoryWrapper) -> dict:
-    state = memory.state_dict()
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-
-
-def assert_same(before: dict, after: dict) -> None:
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, after[key]), key
-        else:  # repr: a NaN counter (no term computed yet) equals itself
-            assert repr(value) == repr(after[key]), key
 
 
 def good_batch(batch: int = 3):
@@ -94,7 +82,7 @@ def test_bad_call_raises_and_leaves_memory_unchanged(case, override, error, mess
     with pytest.raises(error) as raised:
         memory(**{**good_batch(), **override})
     assert message in str(raised.value)
-    assert_same(before, snapshot(memory))
+    assert_unchanged(before, memory)
     assert memory.stats()["rows_written"] == calls_before["rows_written"]
 
 

@@ -37,7 +37,8 @@ def call_twice(model, bn_mode):
     stored = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3], [0.4, 0.4, 0.8], [0.9, 0.1, 0.0]])
     clean = torch.zeros(4, 3)
     targets = torch.zeros(4, dtype=torch.long)
-    memory(torch.arange(4), clean, stored, torch.zeros(4, 2), targets)
+    # write=True: the model may be in eval mode here, and the test needs a filled memory.
+    memory(torch.arange(4), clean, stored, torch.zeros(4, 2), targets, write=True)
     return memory, stored, clean, targets
 
 
@@ -49,7 +50,8 @@ def test_flags_and_track_running_stats_are_left_as_found(bn_mode, model_training
     model[1].train(not model_training)
     flags = [m.training for m in model.modules()]
     memory, stored, clean, targets = call_twice(model, bn_mode)
-    memory(torch.arange(4), clean, stored, torch.zeros(4, 2), targets)
+    memory(torch.arange(4), clean, stored, torch.zeros(4, 2), targets, write=True)
+    assert memory.stats()["rows_read"] == 4  # the memory forward pass ran
     assert [m.training for m in model.modules()] == flags
     assert model[0].track_running_stats is True
 

@@ -110,6 +110,7 @@ def test_perturbation_is_replayed_on_the_current_clean_input():
 def test_nbytes_matches_the_estimate_and_the_dtype(dtype, mode, eps, bytes_per_value):
     memory = MemoryWrapper(nn.Identity(), 100, SHAPE, depth=2, dtype=dtype, mode=mode, eps=eps)
     slots = 100 * 2 * 3 * 8 * 8 * bytes_per_value
-    bookkeeping = 100 * 8  # int32 ring head and int32 fill count per sample
+    # per sample: int32 ring head and fill count; per slot: float32 last weight, uint8 fooled flag
+    bookkeeping = 100 * 8 + 100 * 2 * 5
     assert memory.nbytes == slots + bookkeeping
     assert MemoryWrapper.estimate_nbytes(100, SHAPE, depth=2, dtype=dtype) == memory.nbytes

@@ -14,30 +14,26 @@ from torch import nn
 
 from memloss_addon import MemoryWrapper
 from tests.conftest import requires_cuda
-from tests.helpers import ReferenceMemory, adversarial_stand_in, epoch_batches, mlp
+from tests.helpers import ReferenceMemory, mlp, run_epochs
 
 N, FEATURES = 10, 4
-
-
-def run_epochs(memory, model, epochs) -> list[float]:
-    data = torch.rand(N, FEATURES, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    labels = torch.arange(N) % 3
-    terms = []
-    for epoch in epochs:
-        for idx in epoch_batches(N, 4, epoch):
-            x = data[idx]
-            terms.append(
-                memory(idx, x, adversarial_stand_in(x, epoch), model(x), labels[idx]).item()
-            )
-    return terms
+# The data run_epochs feeds: float64 inputs of seed 3, labels i % 3, batches of 4.
+EPOCH_DATA = {
+    "num_samples": N,
+    "sample_shape": (FEATURES,),
+    "classes": 3,
+    "batch_size": 4,
+    "data_seed": 3,
+    "dtype": torch.float64,
+}
 
 
 def test_terms_equal_the_loop_reference(tmp_path):
     model = mlp()
     memory = MemoryWrapper(model, N, (FEATURES,), depth=2, storage_path=tmp_path / "memory")
     reference = ReferenceMemory(model, depth=2, beta_prime=2.0)
-    assert run_epochs(memory, model, range(3)) == pytest.approx(
-        run_epochs(reference, model, range(3)), rel=1e-6, abs=1e-12
+    assert run_epochs(memory, range(3), **EPOCH_DATA) == pytest.approx(
+        run_epochs(reference, range(3), **EPOCH_DATA), rel=1e-6, abs=1e-12
     )
     assert (tmp_path / "memory" / "rows.bin").stat().st_size == N * 2 * FEATURES * 4
 
@@ -66,11 +62,11 @@ def test_reopened_after_a_restart_with_its_bookkeeping(tmp_path):
         f"""
         import torch
         from memloss_addon import MemoryWrapper
-        from tests.helpers import mlp
-        from tests.test_disk_store import run_epochs
+        from tests.helpers import mlp, run_epochs
+        from tests.test_disk_store import EPOCH_DATA
         model = mlp()
         memory = MemoryWrapper(model, {N}, ({FEATURES},), depth=3, storage_path={str(folder)!r})
-        run_epochs(memory, model, range(2))
+        run_epochs(memory, range(2), **EPOCH_DATA)
         memory.store.flush()
         """
     )
@@ -79,13 +75,13 @@ def test_reopened_after_a_restart_with_its_bookkeeping(tmp_path):
     model = mlp()
     reopened = MemoryWrapper(model, N, (FEATURES,), depth=3, storage_path=folder)
     reference = ReferenceMemory(model, depth=3, beta_prime=2.0)
-    run_epochs(reference, model, range(2))
+    run_epochs(reference, range(2), **EPOCH_DATA)
     assert reopened.stats()["filled_fraction"] == 2 / 3  # two of three slots of every sample
     state = reopened.state_dict()
     assert state["slot_count"].tolist() == [2] * N
     assert state["ring_head"].tolist() == [1] * N  # slots 0 then 1 were written
-    assert run_epochs(reopened, model, range(2, 5)) == pytest.approx(
-        run_epochs(reference, model, range(2, 5)), rel=1e-6, abs=1e-12
+    assert run_epochs(reopened, range(2, 5), **EPOCH_DATA) == pytest.approx(
+        run_epochs(reference, range(2, 5), **EPOCH_DATA), rel=1e-6, abs=1e-12
     )
 
 
@@ -115,12 +111,14 @@ def test_a_truncated_rows_file_is_refused(tmp_path):
 def test_state_dict_round_trip_into_ram_and_back(tmp_path):
     model = mlp()
     on_disk = MemoryWrapper(model, N, (FEATURES,), depth=2, storage_path=tmp_path)
-    run_epochs(on_disk, model, range(2))
+    run_epochs(on_disk, range(2), **EPOCH_DATA)
     in_ram = MemoryWrapper(model, N, (FEATURES,), depth=2)
     in_ram.load_state_dict(on_disk.state_dict())
     second = MemoryWrapper(model, N, (FEATURES,), depth=2, storage_path=tmp_path / "copy")
     second.load_state_dict(in_ram.state_dict())
-    assert run_epochs(second, model, range(2, 4)) == run_epochs(on_disk, model, range(2, 4))
+    assert run_epochs(second, range(2, 4), **EPOCH_DATA) == run_epochs(
+        on_disk, range(2, 4), **EPOCH_DATA
+    )
 
 
 def test_bad_storage_arguments_raise():
@@ -159,7 +157,7 @@ def test_filling_stays_out_of_anonymous_memory(tmp_path):
 def test_reads_to_cuda_equal_reads_to_cpu(tmp_path):
     model = mlp()
     on_disk = MemoryWrapper(model, N, (FEATURES,), depth=2, storage_path=tmp_path)
-    run_epochs(on_disk, model, range(2))
+    run_epochs(on_disk, range(2), **EPOCH_DATA)
     idx = torch.arange(N)
     x = torch.rand(N, FEATURES, dtype=torch.float64)
     cpu = on_disk.store.read(idx, x).examples

@@ -213,6 +213,9 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             results["ddp"] = _ddp(rank)
             results["compiled"] = _compiled(rank, world_size)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        # Without it a rank can tear down its gloo threads while its peer is still in the last
+        # collective, which aborts the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

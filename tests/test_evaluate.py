@@ -216,19 +216,78 @@ def test_autoattack_is_the_exact_worst_case_on_a_linear_model():
     assert got == {"clean": 1.0, "autoattack": expected}
 
 
-def test_autoattack_never_exceeds_clean_accuracy():
-    model = bn_dropout_net().eval()
-    data = batches(n_batches=2)
-    got = evaluate(
-        model,
-        data,
-        eps=0.5,
-        attacks=["autoattack", "clean"],
-        autoattack=TINY_AUTOATTACK,
-        progress=False,
-    )
-    assert list(got) == ["autoattack", "clean"]
-    assert 0.0 <= got["autoattack"] <= got["clean"] <= 1.0
+# A bias-free linear 4-class model on 1x2x2 inputs with hand-set weights (rows: classes).
+HAND_WEIGHTS = [
+    [2.0, -1.0, 0.0, 0.5],
+    [0.0, 2.0, -1.0, 0.0],
+    [0.5, 0.0, 2.0, -1.0],
+    [-1.0, 0.5, 0.0, 2.0],
+]
+
+
+def worst_case_margin(x: list[float], label: int, eps: float) -> float:
+    """min over k != label and x' in the eps-ball around x inside [0, 1] of z_label - z_k.
+
+    The margin is linear in x', so each coordinate sits at the end of its interval that lowers
+    (w_label - w_k) . x'; with eps = 0 it is the clean margin (> 0: classified correctly).
+    """
+    worst = float("inf")
+    for k in range(len(HAND_WEIGHTS)):
+        if k == label:
+            continue
+        total = 0.0
+        for j, value in enumerate(x):
+            low, high = max(value - eps, 0.0), min(value + eps, 1.0)
+            slope = HAND_WEIGHTS[label][j] - HAND_WEIGHTS[k][j]
+            total += slope * (low if slope > 0 else high)
+        worst = min(worst, total)
+    return worst
+
+
+def test_autoattack_counts_exactly_the_provably_robust_samples():
+    # Three kinds of samples, each known by construction: misclassified on the clean input
+    # (never robust, whatever the attacks do), correct and provably robust (the worst case over
+    # the whole ball is still correct: no attack can break them), and correct but breakable (a
+    # corner of the ball is misclassified by a clear margin, easily found on a linear model).
+    # A chain that skipped its attacks, credited a misclassified sample, or left the eps-ball
+    # would report another robust set; the per-kind runs pin the set down exactly.
+    eps, clear = 0.1, 0.05
+    linear = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(HAND_WEIGHTS))
+    model = nn.Sequential(nn.Flatten(), linear)
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.rand(200, 1, 2, 2, generator=gen)
+    y_all = torch.randint(0, 4, (200,), generator=gen)
+    kinds: dict[str, list[int]] = {"misclassified": [], "robust": [], "breakable": []}
+    for i in range(len(y_all)):
+        row, label = x_all[i].flatten().tolist(), int(y_all[i])
+        clean, worst = worst_case_margin(row, label, 0.0), worst_case_margin(row, label, eps)
+        if clean < -clear:
+            kinds["misclassified"].append(i)
+        elif worst > clear:
+            kinds["robust"].append(i)
+        elif clean > clear and worst < -clear:
+            kinds["breakable"].append(i)
+    picked = {kind: indices[:8] for kind, indices in kinds.items()}
+    assert all(len(indices) == 8 for indices in picked.values())
+
+    def run(indices: list[int]) -> dict[str, float]:
+        order = torch.tensor(sorted(indices))  # the kinds interleave in the dataset's order
+        x, y = x_all[order], y_all[order]
+        half = (len(order) + 1) // 2
+        data = [(x[:half], y[:half]), (x[half:], y[half:])]
+        config = AutoAttackConfig.fast()
+        return evaluate(
+            model, data, eps=eps, attacks=["autoattack", "clean"], autoattack=config, progress=False
+        )
+
+    everything = run([i for indices in picked.values() for i in indices])
+    assert list(everything) == ["autoattack", "clean"]
+    assert everything == {"autoattack": 8 / 24, "clean": 16 / 24}
+    assert run(picked["robust"]) == {"autoattack": 1.0, "clean": 1.0}
+    assert run(picked["breakable"]) == {"autoattack": 0.0, "clean": 1.0}
+    assert run(picked["misclassified"]) == {"autoattack": 0.0, "clean": 0.0}
 
 
 def test_logits_fn_and_indexed_batches():

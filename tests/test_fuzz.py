@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from memloss_addon import MemoryWrapper
+from tests.helpers import assert_unchanged, snapshot, term_by_hand
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -81,12 +82,6 @@ class RecordingModel(nn.Module):
         z = x.double().flatten(1) @ self.weight.to(x.device) + self.bias.to(x.device)
         # Clamped so that half-precision logits stay finite: the model is not under test.
         return z.clamp(-6e4, 6e4).to(self.out_dtype)
-
-
-def log_softmax64(z: torch.Tensor) -> torch.Tensor:
-    z = z.double()
-    shifted = z - z.max(dim=1, keepdim=True).values
-    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
 
 
 class Reference:
@@ -288,25 +283,6 @@ if torch.cuda.is_available():
     )
 
 
-def snapshot(memory: MemoryWrapper) -> dict:
-    state = memory.state_dict()
-    return {
-        key: (
-            value.contiguous().view(torch.uint8).clone() if torch.is_tensor(value) else repr(value)
-        )
-        for key, value in state.items()
-    }
-
-
-def assert_unchanged(before: dict, memory: MemoryWrapper) -> None:
-    after = snapshot(memory)
-    for key, value in before.items():
-        if torch.is_tensor(value):
-            assert torch.equal(value, after[key]), key
-        else:
-            assert value == after[key], key
-
-
 def slot_of_age(memory: MemoryWrapper, sample: int, age: int) -> torch.Tensor:
     state = memory.state_dict()
     slot = (int(state["ring_head"][sample]) - age) % memory.depth
@@ -348,18 +324,18 @@ def expected_term(reference, model, batch, stored_before, seen):
     memory_logits = model(seen[0]).double().cpu()
     model.seen.pop()
     clean_logits = batch["logits"].double().cpu()
-    targets = batch["targets"].cpu()
-    log_p = log_softmax64(clean_logits)
-    log_q = log_softmax64(memory_logits)
-    total = 0.0
+    per_sample: list[list[torch.Tensor]] = [[] for _ in indices]
     for row, position in enumerate(owners):
-        kl = float((log_p[position].exp() * (log_p[position] - log_q[row])).sum())
-        weight = 1.0
-        if reference.weighting == "difficulty":
-            weight = 1.0 - float(log_q[row, targets[position]].exp())
-        total += weight * kl / len(stored_before[indices[position]])
+        per_sample[position].append(memory_logits[row])
+    expected = term_by_hand(
+        clean_logits,
+        per_sample,
+        batch["targets"].cpu(),
+        beta_prime=reference.beta_prime,
+        weighting=reference.weighting,
+    )
     largest = max(float(clean_logits.abs().max()), float(memory_logits.abs().max()))
-    return reference.beta_prime * total / len(indices), len(rows), largest
+    return float(expected), len(rows), largest
 
 
 def apply_write(reference: Reference, batch) -> int:

@@ -23,47 +23,24 @@ from torch import nn
 from memloss_addon import MemoryFileError, MemoryWrapper, atomic_write
 from memloss_addon.store.file_format import read_header
 from tests.conftest import requires_cuda
-from tests.helpers import adversarial_stand_in, epoch_batches
+from tests.helpers import assert_unchanged, run_epochs, snapshot
 
 N, SHAPE, CLASSES = 10, (1, 2, 3), 4
 ROOT = Path(__file__).resolve().parents[1]
+# The data run_epochs feeds: fixed inputs of seed 9, labels i % CLASSES, batches of 4.
+EPOCH_DATA = {
+    "num_samples": N,
+    "sample_shape": SHAPE,
+    "classes": CLASSES,
+    "batch_size": 4,
+    "data_seed": 9,
+}
 
 
 def make(*, num_samples: int = N, sample_shape: tuple = SHAPE, **options) -> MemoryWrapper:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, CLASSES))
     return MemoryWrapper(model, num_samples, sample_shape, **{"depth": 2, **options})
-
-
-def run_epochs(memory: MemoryWrapper, epochs: range) -> list[float]:
-    data = torch.rand(N, *SHAPE, generator=torch.Generator().manual_seed(9))
-    labels = torch.arange(N) % CLASSES
-    terms = []
-    for epoch in epochs:
-        for idx in epoch_batches(N, 4, epoch):
-            x = data[idx]
-            term = memory(idx, x, adversarial_stand_in(x, epoch), memory.model(x), labels[idx])
-            terms.append(term.item())
-    return terms
-
-
-def snapshot(memory: MemoryWrapper) -> dict:
-    """The memory's whole state, tensors as raw bytes so that the comparison is byte for byte."""
-    state = memory.state_dict()
-    return {
-        key: (value.contiguous().view(torch.uint8).clone() if torch.is_tensor(value) else value)
-        for key, value in state.items()
-    }
-
-
-def assert_unchanged(before: dict, memory: MemoryWrapper) -> None:
-    after = snapshot(memory)
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        if torch.is_tensor(value):
-            assert torch.equal(value, after[key]), key
-        else:  # repr: the NaN of a counter equals itself
-            assert repr(value) == repr(after[key]), key
 
 
 STORAGE = [
@@ -78,20 +55,22 @@ STORAGE = [
 @pytest.mark.parametrize("options", STORAGE)
 def test_round_trip_restores_everything_and_continues_identically(tmp_path, options):
     original = make(**options)
-    run_epochs(original, range(3))
+    run_epochs(original, range(3), **EPOCH_DATA)
     original.save(tmp_path / "memory.bin")
     restored = make(**options)
     restored.load(tmp_path / "memory.bin")
     assert_unchanged(snapshot(original), restored)
     assert repr(restored.stats()) == repr(original.stats())
-    assert run_epochs(restored, range(3, 5)) == run_epochs(original, range(3, 5))
+    assert run_epochs(restored, range(3, 5), **EPOCH_DATA) == run_epochs(
+        original, range(3, 5), **EPOCH_DATA
+    )
     assert_unchanged(snapshot(original), restored)
     assert os.listdir(tmp_path) == ["memory.bin"]  # no temporary file left behind
 
 
 def test_file_layout_is_the_documented_one(tmp_path):
     memory = make(dtype=torch.float16, eps=0.25)
-    run_epochs(memory, range(2))
+    run_epochs(memory, range(2), **EPOCH_DATA)
     memory.save(tmp_path / "memory.bin")
     data = (tmp_path / "memory.bin").read_bytes()
 
@@ -100,7 +79,7 @@ def test_file_layout_is_the_documented_one(tmp_path):
     assert (16 + header_length) % 64 == 0  # the payload is 64-byte aligned
     header = json.loads(data[16 : 16 + header_length])
     assert header["format"] == "memloss-addon memory"
-    assert header["file_version"] == 1 and header["state_version"] == 1
+    assert header["file_version"] == 1 and header["state_version"] == 2
     assert header["checksum"] == "crc32" and header["byte_order"] == sys.byteorder
     assert header["config"] == {
         "num_samples": N,
@@ -121,7 +100,9 @@ def test_file_layout_is_the_documented_one(tmp_path):
     payload = data[16 + header_length : -8]
     assert len(payload) == header["payload_nbytes"]
     state = memory.state_dict()
-    for name in ("slots", "slot_count", "ring_head"):
+    names = ("slots", "slot_count", "ring_head", "last_weight", "fooled_at_write")
+    assert sorted(header["tensors"]) == sorted(names)
+    for name in names:
         entry = header["tensors"][name]
         raw = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
         assert entry["offset"] % 64 == 0
@@ -147,7 +128,7 @@ CONFIG_CHANGES = [
 @pytest.mark.parametrize(("change", "key"), CONFIG_CHANGES, ids=[k for _, k in CONFIG_CHANGES])
 def test_another_configuration_is_refused_and_changes_nothing(tmp_path, change, key):
     saved = make()
-    run_epochs(saved, range(2))
+    run_epochs(saved, range(2), **EPOCH_DATA)
     saved.save(tmp_path / "memory.bin")
     target = make(**change)
     before = snapshot(target)
@@ -170,7 +151,7 @@ def test_non_strict_load_accepts_other_loss_settings_only(tmp_path):
 @pytest.fixture
 def saved_file(tmp_path) -> tuple[Path, bytes]:
     memory = make()
-    run_epochs(memory, range(2))
+    run_epochs(memory, range(2), **EPOCH_DATA)
     path = tmp_path / "memory.bin"
     memory.save(path)
     return path, path.read_bytes()
@@ -179,7 +160,7 @@ def saved_file(tmp_path) -> tuple[Path, bytes]:
 def refused(path: Path, match: str | None = None) -> None:
     """Loading ``path`` into a filled memory raises MemoryFileError and changes nothing."""
     memory = make()
-    run_epochs(memory, range(1))
+    run_epochs(memory, range(1), **EPOCH_DATA)
     before = snapshot(memory)
     with pytest.raises(MemoryFileError, match=match):
         memory.load(path)
@@ -202,7 +183,7 @@ def test_trailing_bytes_are_refused(saved_file):
 def test_every_single_byte_change_is_refused(saved_file):
     path, data = saved_file
     memory = make()
-    run_epochs(memory, range(1))
+    run_epochs(memory, range(1), **EPOCH_DATA)
     before = snapshot(memory)
     descriptor = os.open(path, os.O_RDWR)
     try:
@@ -393,7 +374,7 @@ def test_atomic_write_leaves_the_old_file_when_the_block_raises(tmp_path):
 def test_a_failing_save_keeps_the_previous_file(saved_file, monkeypatch, failing):
     path, data = saved_file
     memory = make()
-    run_epochs(memory, range(3))
+    run_epochs(memory, range(3), **EPOCH_DATA)
 
     def disk_error(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -551,7 +532,7 @@ def test_a_rank_of_a_sharded_memory_saves_and_loads_its_shard(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
     try:
         sharded = make(distributed="sharded")
-        run_epochs(sharded, range(2))
+        run_epochs(sharded, range(2), **EPOCH_DATA)
         sharded.save(tmp_path / "memory.bin")
         assert read_header(tmp_path / "memory.bin")["shard"] == {"rank": 0, "world_size": 1}
         restored = make(distributed="sharded")
@@ -565,7 +546,7 @@ def test_a_rank_of_a_sharded_memory_saves_and_loads_its_shard(tmp_path):
 
 def test_a_disk_backed_memory_round_trips_through_a_file(tmp_path):
     on_disk = make(storage_path=tmp_path / "store-a")
-    run_epochs(on_disk, range(2))
+    run_epochs(on_disk, range(2), **EPOCH_DATA)
     on_disk.save(tmp_path / "memory.bin")
     for target in (make(storage_path=tmp_path / "store-b"), make()):
         target.load(tmp_path / "memory.bin")
@@ -577,9 +558,39 @@ def test_saving_through_a_symbolic_link_replaces_the_file_it_points_to(tmp_path)
     make().save(tmp_path / "runs" / "memory.bin")
     (tmp_path / "latest.bin").symlink_to(tmp_path / "runs" / "memory.bin")
     memory = make()
-    run_epochs(memory, range(2))
+    run_epochs(memory, range(2), **EPOCH_DATA)
     memory.save(tmp_path / "latest.bin")
     assert (tmp_path / "latest.bin").is_symlink()
     restored = make()
     restored.load(tmp_path / "runs" / "memory.bin")
     assert_unchanged(snapshot(memory), restored)
+
+
+def test_a_file_of_state_version_1_loads_with_initial_per_slot_bookkeeping(tmp_path):
+    from memloss_addon.store.file_format import write_memory_file
+
+    original = make()
+    run_epochs(original, range(2), **EPOCH_DATA)
+    state = original.state_dict()
+    # A version-1 state: no per-slot bookkeeping.
+    old = {k: v for k, v in state.items() if k not in ("last_weight", "fooled_at_write")}
+    write_memory_file({**old, "format_version": 1}, tmp_path / "old.bin")
+    assert read_header(tmp_path / "old.bin")["state_version"] == 1
+
+    restored = make()
+    restored.load(tmp_path / "old.bin")
+    loaded = restored.state_dict()
+    for name in ("slots", "slot_count", "ring_head"):
+        assert torch.equal(loaded[name], state[name])
+    slots = N * 2  # depth 2
+    assert loaded["last_weight"].tolist() == [float("inf")] * slots  # never read since stored
+    assert loaded["fooled_at_write"].tolist() == [255] * slots  # not known
+
+
+def test_a_newer_state_version_is_refused_by_name(tmp_path):
+    from memloss_addon.store.file_format import write_memory_file
+
+    state = make().state_dict()
+    write_memory_file({**state, "format_version": 3}, tmp_path / "new.bin")
+    with pytest.raises(MemoryFileError, match="state version 3"):
+        make().load(tmp_path / "new.bin")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from memloss_addon import MemoryWrapper
+from tests.helpers import term_by_hand
 
 
 class Identity(nn.Module):
@@ -28,6 +27,14 @@ def store(memory: MemoryWrapper, indices: list[int], values: list[float]) -> tor
     return memory(
         torch.tensor(indices), clean, adv, clean, torch.zeros(len(values), dtype=torch.long)
     )
+
+
+def memory_logits(value: float) -> torch.Tensor:
+    """The logits of the memory example stored for ``value``: the example (v, -v) itself."""
+    return torch.tensor([value, -value], dtype=torch.float64)
+
+
+UNWEIGHTED = {"beta_prime": 2.0, "weighting": "none"}  # the memory's settings (default beta')
 
 
 def slots_of(memory: MemoryWrapper, index: int) -> list[float]:
@@ -61,13 +68,9 @@ def test_term_averages_over_filled_slots():
     store(memory, [0], [1.5])
     clean = torch.zeros(1, 2)
     term = memory(torch.tensor([0]), clean, clean, clean, torch.tensor([0]))
-
-    def kl_uniform_to(v):  # KL((.5, .5) || softmax(v, -v)) by hand
-        q0 = math.exp(v) / (math.exp(v) + math.exp(-v))
-        return 0.5 * math.log(0.5 / q0) + 0.5 * math.log(0.5 / (1 - q0))
-
-    expected = 2.0 * (kl_uniform_to(0.5) + kl_uniform_to(1.5)) / 2
-    assert float(term) == pytest.approx(expected, rel=1e-6)
+    # beta' = 2 times the mean over the two slots of KL((.5, .5) || softmax(v, -v)).
+    expected = term_by_hand(clean, [[memory_logits(1.5), memory_logits(0.5)]], [0], **UNWEIGHTED)
+    assert float(term) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_duplicate_index_last_row_wins_and_reads_see_the_memory_before_the_call():
@@ -78,9 +81,8 @@ def test_duplicate_index_last_row_wins_and_reads_see_the_memory_before_the_call(
     term = memory(torch.tensor([1, 1, 1]), clean, adv, clean, torch.zeros(3, dtype=torch.long))
     assert slots_of(memory, 1) == pytest.approx([0.3, 0.9])  # one write, the last row
     # All three rows read the single slot stored before the call (0.9), so the term is that of 0.9.
-    q0 = math.exp(0.9) / (math.exp(0.9) + math.exp(-0.9))
-    expected = 2.0 * (0.5 * math.log(0.5 / q0) + 0.5 * math.log(0.5 / (1 - q0)))
-    assert float(term) == pytest.approx(expected, rel=1e-6)
+    expected = term_by_hand(clean, [[memory_logits(0.9)]] * 3, [0, 0, 0], **UNWEIGHTED)
+    assert float(term) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_duplicates_are_deterministic_across_runs():

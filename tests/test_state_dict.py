@@ -9,28 +9,23 @@ import torch
 from torch import nn
 
 from memloss_addon import MemoryWrapper
-from tests.helpers import adversarial_stand_in, epoch_batches
+from tests.helpers import run_epochs
 
 N, SHAPE = 12, (1, 2, 3)
+# The data run_epochs feeds: fixed inputs of seed 9, labels i % 4, batches of 5.
+EPOCH_DATA = {
+    "num_samples": N,
+    "sample_shape": SHAPE,
+    "classes": 4,
+    "batch_size": 5,
+    "data_seed": 9,
+}
 
 
 def make(**options) -> MemoryWrapper:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4))
     return MemoryWrapper(model, N, SHAPE, depth=2, **options)
-
-
-def run_epochs(memory: MemoryWrapper, epochs: range) -> list[float]:
-    data = torch.rand(N, *SHAPE, generator=torch.Generator().manual_seed(9))
-    labels = torch.arange(N) % 4
-    terms = []
-    for epoch in epochs:
-        for idx in epoch_batches(N, 5, epoch):
-            x = data[idx]
-            logits = memory.model(x)
-            term = memory(idx, x, adversarial_stand_in(x, epoch), logits, labels[idx])
-            terms.append(term.item())
-    return terms
 
 
 def saved_and_loaded(state: dict) -> dict:
@@ -42,13 +37,15 @@ def saved_and_loaded(state: dict) -> dict:
 
 def test_round_trip_then_continues_identically():
     original = make(dtype=torch.float16)
-    run_epochs(original, range(3))
+    run_epochs(original, range(3), **EPOCH_DATA)
     state = saved_and_loaded(original.state_dict())
     restored = make(dtype=torch.float16)
     restored.load_state_dict(state)
     assert restored.stats() == original.stats()
-    assert run_epochs(restored, range(3, 6)) == run_epochs(original, range(3, 6))
-    for key in ("slots", "slot_count", "ring_head"):
+    assert run_epochs(restored, range(3, 6), **EPOCH_DATA) == run_epochs(
+        original, range(3, 6), **EPOCH_DATA
+    )
+    for key in ("slots", "slot_count", "ring_head", "last_weight", "fooled_at_write"):
         assert torch.equal(restored.state_dict()[key], original.state_dict()[key])
     assert restored.stats() == original.stats()
 
@@ -62,6 +59,8 @@ def test_state_dict_holds_no_model_and_records_the_configuration():
         "slots",
         "slot_count",
         "ring_head",
+        "last_weight",
+        "fooled_at_write",
         "counters",
     }
     assert state["config"] == {
@@ -102,7 +101,7 @@ def test_load_keeps_the_memory_where_it_is():
 )
 def test_load_refuses_another_configuration_and_changes_nothing(other, message):
     memory = make()
-    run_epochs(memory, range(2))
+    run_epochs(memory, range(2), **EPOCH_DATA)
     before = {k: v.clone() for k, v in memory.state_dict().items() if isinstance(v, torch.Tensor)}
     with pytest.raises(ValueError, match=message):
         memory.load_state_dict(make(**other).state_dict())
@@ -143,7 +142,7 @@ def corrupt(key: str, value) -> dict:
 )
 def test_load_refuses_damaged_states_and_changes_nothing(state, error, message):
     memory = make()
-    run_epochs(memory, range(2))
+    run_epochs(memory, range(2), **EPOCH_DATA)
     before = {k: v.clone() for k, v in memory.state_dict().items() if isinstance(v, torch.Tensor)}
     stats_before = memory.stats()
     with pytest.raises(error, match=message):

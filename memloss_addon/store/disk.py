@@ -7,6 +7,9 @@ A storage folder holds three files:
   anonymous memory, so the kernel can evict them under memory pressure.
 - ``ring.bin``: int32 ``(2, num_samples)``, the fill counts then the ring heads, memory-mapped the
   same way, so the bookkeeping is always as current as the rows.
+- ``slot_info.bin``: the per-slot bookkeeping (float32 last weights, then uint8 fooled-at-write
+  flags; see :data:`~memloss_addon.store.slots.BOOKKEEPING`), mapped the same way. A folder made
+  before it existed gets it, with initial values, when reopened.
 - ``meta.json``: the storage configuration, written atomically once the other two files exist. A
   folder without it is unfinished and is created afresh; a reopen must match it.
 
@@ -35,13 +38,19 @@ import torch
 
 from .files import atomic_write, fsync_path
 from .placement import TensorStore, _PinnedStaging
-from .slots import SlotRing
+from .slots import BOOKKEEPING, BookkeepingField, SlotRing
 
 __all__ = ["DiskTensorStore", "open_disk_memory"]
 
 _META = "meta.json"
 _ROWS = "rows.bin"
 _RING = "ring.bin"
+_SLOT_INFO = "slot_info.bin"
+# The bookkeeping files and the fields each holds, in order.
+_BOOKKEEPING_FILES = {
+    _RING: tuple(field for field in BOOKKEEPING if not field.per_slot),
+    _SLOT_INFO: tuple(field for field in BOOKKEEPING if field.per_slot),
+}
 
 
 class DiskTensorStore(TensorStore):
@@ -119,37 +128,59 @@ def open_disk_memory(
                 f"match this memory's {_jsonable(layout)}; use another folder or delete it"
             )
         itemsize = torch.empty((), dtype=dtype).element_size()
-        expected = {
-            _ROWS: max(num_rows * math.prod(row_shape), 1) * itemsize,
-            _RING: 2 * num_samples * 4,
-        }
+        expected = {_ROWS: max(num_rows * math.prod(row_shape), 1) * itemsize}
+        for name, fields in _BOOKKEEPING_FILES.items():
+            expected[name] = max(_field_offsets(fields, num_samples, depth)[-1], 1)
         for name, size in expected.items():
+            if name == _SLOT_INFO and not (folder / name).exists():
+                continue  # a folder of an earlier version: created below
             actual = (folder / name).stat().st_size if (folder / name).exists() else -1
             if actual != size:
                 raise ValueError(
                     f"storage_path {str(folder)!r}: {name} has {actual} bytes, expected {size}"
                 )
         rows = DiskTensorStore(folder / _ROWS, num_rows, row_shape, dtype=dtype, staging=staging)
-        return rows, _mapped_ring(folder / _RING, num_samples=num_samples, depth=depth)
+        return rows, _mapped_ring(folder, num_samples=num_samples, depth=depth)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (_ROWS, _RING):  # leftovers of an unfinished creation
+    for name in (_ROWS, *_BOOKKEEPING_FILES):  # leftovers of an unfinished creation
         (folder / name).unlink(missing_ok=True)
     rows = DiskTensorStore(folder / _ROWS, num_rows, row_shape, dtype=dtype, staging=staging)
-    ring = _mapped_ring(folder / _RING, num_samples=num_samples, depth=depth)
-    ring.ring_head.fill_(depth - 1)  # the first write lands in slot 0, as in SlotRing
-    fsync_path(folder / _RING)
+    ring = _mapped_ring(folder, num_samples=num_samples, depth=depth)
     with atomic_write(meta_file) as file:
         file.write(json.dumps(_jsonable(layout), sort_keys=True).encode())
     return rows, ring
 
 
-def _mapped_ring(file: Path, *, num_samples: int, depth: int) -> SlotRing:
-    ring = SlotRing(num_samples=num_samples, depth=depth)
-    mapped = torch.from_file(str(file), shared=True, size=2 * num_samples, dtype=torch.int32)
-    # SlotRing updates these in place (index_copy_, copy_), so every commit reaches the file.
-    ring.slot_count = mapped[:num_samples]
-    ring.ring_head = mapped[num_samples:]
-    return ring
+def _field_offsets(fields: tuple[BookkeepingField, ...], num_samples: int, depth: int) -> list[int]:
+    """Byte offset of each field in its file, each at its natural alignment, then the file size."""
+    offsets = [0]
+    for field in fields:
+        start = -(-offsets[-1] // field.dtype.itemsize) * field.dtype.itemsize
+        offsets[-1] = start
+        offsets.append(start + math.prod(field.shape(num_samples, depth)) * field.dtype.itemsize)
+    return offsets
+
+
+def _mapped_ring(folder: Path, *, num_samples: int, depth: int) -> SlotRing:
+    """A slot ring whose bookkeeping tensors are shared maps of the folder's files.
+
+    A file that does not exist yet is created with each field's initial value. SlotRing updates
+    its tensors in place, so every commit reaches the files.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, fields in _BOOKKEEPING_FILES.items():
+        path = folder / name
+        fresh = not path.exists()
+        offsets = _field_offsets(fields, num_samples, depth)
+        raw = torch.from_file(str(path), shared=True, size=max(offsets[-1], 1), dtype=torch.uint8)
+        for field, start, end in zip(fields, offsets, offsets[1:], strict=False):
+            tensor = raw[start:end].view(field.dtype)
+            if fresh:
+                tensor.fill_(field.resolve(field.initial, depth))  # type: ignore[arg-type]
+            tensors[field.name] = tensor
+        if fresh:
+            fsync_path(path)
+    return SlotRing(num_samples=num_samples, depth=depth, tensors=tensors)
 
 
 def _jsonable(layout: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,15 @@ argument checks on one rank raises on every rank instead of leaving the others w
 Rows travel encoded, in the storage dtype (a uint8 memory sends bytes). ``stats()`` reports the
 payload bytes this rank received from other ranks in the last call and in total.
 
+Devices. The gathers of headers, indices and flags (1, 2, 4) run on the host whenever the group
+has a CPU backend (``gloo``, or ``"cpu:gloo,cuda:nccl"``), so they never wait for a GPU; on a pure
+``nccl`` group they run on the GPU and the host waits for each (it plans the step with their
+values). The rows (3, 5) travel GPU to GPU when the group's CUDA backend is NCCL and the memory is
+on CUDA (or the group has no CPU backend), else through the host; a CUDA memory whose rows go
+through the host gets a warning. A rank's GPU is its memory's, else its batch's, else the current
+device; a memory on another GPU than its batch, or built with a bare ``"cuda"`` before
+``torch.cuda.set_device(local_rank)``, raises a ValueError before the call's first collective.
+
 Every rank must make the same calls with the same ``beta_prime`` (a call with ``beta_prime=0``
 skips the read exchange). An exception raised on one rank after the first collective of a call
 (in the model's forward pass, out of memory) is not announced to the others: they wait in the next
@@ -49,6 +58,7 @@ rank exits.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -56,13 +66,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .local import MemoryRead, MemoryStore
+from . import transfer
+from .local import MemoryRead, MemoryStore, SeenAtWrite, facts_to_host
+from .slots import BOOKKEEPING, FOOLED_UNKNOWN, ReadPlan
 
 __all__ = [
     "ReplicatedMemoryStore",
     "ShardedMemoryStore",
     "merge_shard_states",
 ]
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """A sharded read's rows, exchanged, before decoding: kept by a recall for the step's read."""
+
+    step: _GlobalBatch
+    plan: ReadPlan  # this rank's rows; ``store_rows`` are flat slot ids
+    stored: torch.Tensor
+    device: torch.device
+    run_forward: bool
 
 
 @dataclass(frozen=True)
@@ -80,10 +103,79 @@ class _GlobalBatch:
         return max(self.sizes)
 
 
-class _Exchange:
-    """The collectives of the memory over one process group, with their received-byte counts."""
+def backends_by_device(config: str) -> dict[str, str]:
+    """The backend of each device type in a process group's backend configuration.
 
-    def __init__(self, group: dist.ProcessGroup | None, store_device: torch.device) -> None:
+    Example:
+        >>> backends_by_device("cpu:gloo,cuda:nccl")
+        {'cpu': 'gloo', 'cuda': 'nccl'}
+    """
+    found: dict[str, str] = {}
+    for part in config.lower().split(","):
+        device, _, backend = part.strip().rpartition(":")
+        devices = [device] if device else dist.Backend.backend_capability.get(backend, ["cpu"])
+        for name in devices:
+            found[name] = backend
+    return found
+
+
+def exchange_gpu(
+    store: torch.device, batch: torch.device | None, *, store_was_bare: bool
+) -> torch.device | None:
+    """The GPU a rank's exchange uses: the memory's, else the batch's, else the current device.
+
+    Args:
+        store: the memory's device.
+        batch: the batch's device (``None``: not known).
+        store_was_bare: the memory was asked for ``"cuda"`` without an index, so its device is
+            the one that was current when it was built.
+
+    Raises:
+        ValueError: the memory is on another GPU than the batch, or was put on the current GPU
+            by a bare ``"cuda"`` and the current device has changed since.
+
+    Example:
+        >>> exchange_gpu(torch.device("cpu"), torch.device("cpu"), store_was_bare=False) is None
+        True
+    """
+    if store.type == "cuda":
+        if batch is not None and batch.type == "cuda" and batch != store:
+            raise ValueError(_wrong_gpu(f"the memory is on {store} but the batch on {batch}"))
+        current = _current_gpu() if store_was_bare else None
+        if current is not None and store != current:
+            raise ValueError(
+                _wrong_gpu(
+                    f"the memory is on {store} (device='cuda' was the current device when it was "
+                    f"built) but the current CUDA device is now {current}"
+                )
+            )
+        return store
+    if batch is not None and batch.type == "cuda":
+        return batch
+    return _current_gpu()
+
+
+def _current_gpu() -> torch.device | None:
+    # Asked only when needed: the first question creates a CUDA context on the current GPU.
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _wrong_gpu(problem: str) -> str:
+    return (
+        f"{problem}: under DDP each rank keeps its memory and its batches on its own GPU. Call "
+        "torch.cuda.set_device(local_rank) before building the memory, or pass "
+        "device=f'cuda:{local_rank}' (with the model and the batches there too)"
+    )
+
+
+class _Exchange:
+    """The collectives of the memory over one process group, with their received-byte counts.
+
+    ``device`` carries the rows, ``meta_device`` the gathered headers, indices and flags; both are
+    picked for each call by :meth:`use_devices`.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, requested: torch.device) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
                 "a distributed memory needs torch.distributed initialized first "
@@ -92,28 +184,58 @@ class _Exchange:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        backend = str(dist.get_backend(group)).lower()
-        # NCCL exchanges CUDA tensors only; gloo (and the CPU half of a mixed backend) CPU ones.
-        if backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        elif "nccl" in backend and store_device.type == "cuda":
-            self.device = store_device
-        else:
-            self.device = torch.device("cpu")
+        config = str(dist.get_backend_config(group))
+        backends = backends_by_device(config)
+        # NCCL carries CUDA tensors only; gloo carries CPU ones (its CUDA support goes through
+        # the host anyway).
+        self.rows_on_cuda = backends.get("cuda") == "nccl" and (
+            requested.type == "cuda" or "cpu" not in backends
+        )
+        # The small gathers stay on the host whenever the group can: there they never wait.
+        self.meta_on_cuda = "cpu" not in backends
+        if requested.type == "cuda" and not self.rows_on_cuda:
+            warnings.warn(
+                f"the process group's backend ({config}) sends this CUDA memory's rows through "
+                "the CPU every call; initialise it with backend='nccl' (or 'cpu:gloo,cuda:nccl') "
+                "to exchange them GPU to GPU",
+                RuntimeWarning,
+                stacklevel=5,  # MemoryWrapper's caller
+            )
+        self.requested = requested
+        self.store_device = requested  # the resolved device, once the store is built
+        self.device = self.meta_device = torch.device("cpu")
         self.bytes_last_call = 0
         self.bytes_total = 0
+
+    def use_devices(self, batch: torch.device | None) -> None:
+        """Picks this call's devices from the memory's and the batch's (see :func:`exchange_gpu`).
+
+        Raises:
+            ValueError: the memory and the batch are on different GPUs, or the memory was put on
+                a GPU that is no longer the current device.
+        """
+        cpu = torch.device("cpu")
+        if self.store_device.type == "cpu" and not (self.rows_on_cuda or self.meta_on_cuda):
+            self.device = self.meta_device = cpu  # a CPU exchange leaves CUDA alone
+            return
+        bare = self.requested.type == "cuda" and self.requested.index is None
+        gpu = exchange_gpu(self.store_device, batch, store_was_bare=bare)
+        self.device = gpu if self.rows_on_cuda and gpu is not None else cpu
+        self.meta_device = gpu if self.meta_on_cuda and gpu is not None else cpu
 
     def _received(self, nbytes: int) -> None:
         self.bytes_last_call += nbytes
         self.bytes_total += nbytes
 
     def gather_padded(self, values: torch.Tensor, length: int) -> torch.Tensor:
-        """``(world_size, length)``: every rank's 1-D ``values``, zero-padded to ``length``."""
-        padded = torch.zeros(length, dtype=values.dtype, device=self.device)
-        padded[: values.shape[0]] = values.to(self.device)
+        """``(world_size, length)``: every rank's 1-D host ``values``, zero-padded to ``length``."""
+        padded = torch.zeros(length, dtype=values.dtype)
+        padded[: values.shape[0]] = values
+        padded = transfer.to_device(padded, self.meta_device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded, group=self.group)
         self._received((self.world_size - 1) * padded.nbytes)
+        # On a GPU (a pure nccl group) the host waits here: it plans the step with these values.
         return torch.stack(parts).cpu()
 
     def exchange_rows(
@@ -125,7 +247,8 @@ class _Exchange:
         """
         row_shape, dtype = tuple(rows.shape[1:]), rows.dtype
         row_bytes = math.prod(row_shape) * rows.element_size()
-        flat = rows.to(self.device).contiguous().reshape(rows.shape[0], math.prod(row_shape))
+        flat = transfer.to_device(rows, self.device).contiguous()
+        flat = flat.reshape(rows.shape[0], math.prod(row_shape))
         send = flat.view(torch.uint8).reshape(rows.shape[0], row_bytes)
         received = torch.empty((sum(recv_counts), row_bytes), dtype=torch.uint8, device=self.device)
         dist.all_to_all_single(
@@ -156,7 +279,10 @@ class _DistributedStore(MemoryStore):
         self.rank = self.exchange.rank
         self.world_size = self.exchange.world_size
         super().__init__(**options)
+        self.exchange.store_device = self.device
+        self.exchange.use_devices(None)
         self._step: _GlobalBatch | None = None
+        self._recalled: _Fetched | None = None
         self._rows_accepted_all = 0
         self._rows_rejected_all = 0
 
@@ -200,16 +326,39 @@ class _DistributedStore(MemoryStore):
         """Tells the other ranks that this call failed its argument checks (they raise too)."""
         self._gather_batch(torch.zeros(0, dtype=torch.int64), ok=False)
 
-    def _gather_accepted(self, step: _GlobalBatch, accepted: torch.Tensor) -> torch.Tensor:
-        gathered = self.exchange.gather_padded(accepted.to(torch.uint8), step.max_size)
+    def _use_devices(self, batch: torch.device) -> None:
+        """Picks the call's devices before its first collective; a mismatch raises on every rank.
+
+        The other ranks learn of it through the failed-call header when the small gathers run on
+        the host; on a pure nccl group they could be the wrong GPU's, so this rank only raises.
+        """
+        try:
+            self.exchange.use_devices(batch)
+        except ValueError:
+            if not self.exchange.meta_on_cuda:
+                self.abort()
+            raise
+
+    def _gather_accepted(
+        self, step: _GlobalBatch, accepted: torch.Tensor, seen: SeenAtWrite | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's acceptance flags and fooled-at-write codes, in one gather of bytes.
+
+        A byte per row: bit 0 accepted, bit 1 fooled, bit 2 whether bit 1 is known.
+        """
+        flags = accepted.to(torch.uint8)
+        if seen is not None:
+            flags = flags | (seen.fooled.to(torch.uint8) << 1) | 4
+        gathered = self.exchange.gather_padded(flags, step.max_size)
         flags = torch.cat([gathered[rank, :size] for rank, size in enumerate(step.sizes)])
-        everyone = flags.bool()
+        everyone = (flags & 1).bool()
+        fooled = torch.where(flags & 4 > 0, (flags >> 1) & 1, FOOLED_UNKNOWN).to(torch.uint8)
         self._rows_accepted_all += int(everyone.sum())
         self._rows_rejected_all += int(everyone.numel() - everyone.sum())
-        return everyone
+        return everyone, fooled
 
     def _encoded_rows(self, encoded: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return encoded.index_select(0, positions.to(encoded.device))
+        return encoded.index_select(0, transfer.to_device(positions, encoded.device))
 
     # ----------------------------------------------------------- reporting
 
@@ -235,6 +384,7 @@ class ReplicatedMemoryStore(_DistributedStore):
     """
 
     def read(self, indices: torch.Tensor, clean: torch.Tensor) -> MemoryRead:
+        self._use_devices(clean.device)
         step = self._gather_batch(indices)
         assert step is not None
         read = super().read(indices, clean)
@@ -246,11 +396,20 @@ class ReplicatedMemoryStore(_DistributedStore):
         """Starts reading locally: every row is here, only the bookkeeping is exchanged."""
         MemoryStore.prefetch(self, indices, device)
 
-    def write(self, indices: torch.Tensor, adv: torch.Tensor, clean: torch.Tensor) -> int:
+    def write(
+        self,
+        indices: torch.Tensor,
+        adv: torch.Tensor,
+        clean: torch.Tensor,
+        *,
+        seen: SeenAtWrite | None = None,
+    ) -> int:
+        self._use_devices(clean.device)
         step = self._batch_for_write(indices)
         encoded, accepted = self.codec.encode(adv, clean)
-        accepted = accepted.cpu()
-        plan = self.ring.plan_write(step.indices, self._gather_accepted(step, accepted))
+        accepted, seen = facts_to_host(accepted, seen)
+        everyone, fooled = self._gather_accepted(step, accepted, seen)
+        plan = self.ring.plan_write(step.indices, everyone)
         self._invalidate_prefetch(plan.samples)
         writer = step.rank_of_position.index_select(0, plan.batch_positions)
         mine = (writer == self.rank).nonzero().squeeze(1)
@@ -265,7 +424,7 @@ class ReplicatedMemoryStore(_DistributedStore):
             self.rows.write(plan.store_rows[mine], own_rows)
         if others.numel():
             self.rows.write(plan.store_rows[others], received)
-        self.ring.commit(plan)
+        self.ring.commit(plan, fooled=fooled.index_select(0, plan.batch_positions))
         return int(accepted.numel() - accepted.sum())
 
 
@@ -292,6 +451,51 @@ class ShardedMemoryStore(_DistributedStore):
         return torch.div(samples, self.world_size, rounding_mode="floor") * self.depth + slots
 
     def read(self, indices: torch.Tensor, clean: torch.Tensor) -> MemoryRead:
+        fetched = self._fetched_for(indices, clean.device)
+        if fetched.plan.store_rows.numel() == 0:
+            empty = clean.new_empty((0, *self.sample_shape))
+            return MemoryRead(
+                empty,
+                fetched.plan.sample_of_row,
+                fetched.plan.slots_of_sample,
+                fetched.run_forward,
+                fetched.plan.store_rows,
+            )
+        examples = self._decode(
+            fetched.stored, fetched.plan.sample_of_row, fetched.plan.slots_of_sample, clean
+        )
+        return MemoryRead(
+            examples,
+            fetched.plan.sample_of_row,
+            fetched.plan.slots_of_sample,
+            fetched.run_forward,
+            fetched.plan.store_rows,
+        )
+
+    def recall(
+        self, indices: torch.Tensor, clean: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`MemoryStore.recall`; the exchange's rows are kept for the step's read."""
+        fetched = self._fetched_for(indices, clean.device)
+        self._recalled = fetched
+        stored = fetched.stored if fetched.plan.store_rows.numel() else None
+        return self._newest(fetched.plan, stored, clean)
+
+    def _fetched_for(self, indices: torch.Tensor, device: torch.device) -> _Fetched:
+        """The rows of a recall of exactly these indices, else an exchange now."""
+        recalled, self._recalled = self._recalled, None
+        if (
+            recalled is not None
+            and recalled.device == device
+            and torch.equal(recalled.step.local, indices)
+        ):
+            self._step = recalled.step
+            return recalled
+        return self._fetch(indices, device)
+
+    def _fetch(self, indices: torch.Tensor, device: torch.device) -> _Fetched:
+        """Gathers the batch, exchanges the rows each rank reads, and plans the write."""
+        self._use_devices(device)
         step = self._gather_batch(indices)
         assert step is not None
         plan = self.ring.plan_read(step.indices)  # every rank's read, in position order
@@ -313,28 +517,34 @@ class ShardedMemoryStore(_DistributedStore):
         sent = self.rows.read(local_row[serve], self.exchange.device)
         received = self.exchange.exchange_rows(sent, send_counts, recv_counts)
         self._step = step
-        stored = torch.empty(
-            (mine.numel(), *self.sample_shape), dtype=self.dtype, device=clean.device
-        )
+        stored = torch.empty((mine.numel(), *self.sample_shape), dtype=self.dtype, device=device)
         if here.numel():
-            stored[here.to(clean.device)] = self.rows.read(local_row[mine[here]], clean.device)
+            here_rows = transfer.to_device(here, device)
+            stored[here_rows] = self.rows.read(local_row[mine[here]], device)
         if remote.numel():
-            stored[remote.to(clean.device)] = received.to(clean.device)
-        sample_of_row = plan.sample_of_row.index_select(0, mine) - step.start
-        slots_of_sample = plan.slots_of_sample[step.start : step.start + indices.shape[0]]
-        run_forward = plan.store_rows.numel() > 0
-        if mine.numel() == 0:
-            empty = clean.new_empty((0, *self.sample_shape))
-            return MemoryRead(empty, sample_of_row, slots_of_sample, run_forward)
-        clean_rows = clean.detach().index_select(0, sample_of_row.to(clean.device))
-        examples = self.codec.decode(stored, clean_rows)
-        return MemoryRead(examples, sample_of_row, slots_of_sample, run_forward)
+            remote_rows = transfer.to_device(remote, device)
+            stored[remote_rows] = transfer.to_device(received, device)
+        local_plan = ReadPlan(
+            sample_of_row=plan.sample_of_row.index_select(0, mine) - step.start,
+            store_rows=plan.store_rows.index_select(0, mine),  # flat slot ids
+            slots_of_sample=plan.slots_of_sample[step.start : step.start + indices.shape[0]],
+        )
+        return _Fetched(step, local_plan, stored, device, plan.store_rows.numel() > 0)
 
-    def write(self, indices: torch.Tensor, adv: torch.Tensor, clean: torch.Tensor) -> int:
+    def write(
+        self,
+        indices: torch.Tensor,
+        adv: torch.Tensor,
+        clean: torch.Tensor,
+        *,
+        seen: SeenAtWrite | None = None,
+    ) -> int:
+        self._use_devices(clean.device)
         step = self._batch_for_write(indices)
         encoded, accepted = self.codec.encode(adv, clean)
-        accepted = accepted.cpu()
-        plan = self.ring.plan_write(step.indices, self._gather_accepted(step, accepted))
+        accepted, seen = facts_to_host(accepted, seen)
+        everyone, fooled = self._gather_accepted(step, accepted, seen)
+        plan = self.ring.plan_write(step.indices, everyone)
         writer = step.rank_of_position.index_select(0, plan.batch_positions)
         owner = plan.samples % self.world_size
         local_row = self._local_store_rows(plan.samples, plan.new_heads)
@@ -356,7 +566,7 @@ class ShardedMemoryStore(_DistributedStore):
             self.rows.write(local_row[kept], own_rows)
         if incoming.numel():
             self.rows.write(local_row[incoming], received)
-        self.ring.commit(plan)
+        self.ring.commit(plan, fooled=fooled.index_select(0, plan.batch_positions))
         return int(accepted.numel() - accepted.sum())
 
     # ----------------------------------------------------------- state
@@ -365,8 +575,7 @@ class ShardedMemoryStore(_DistributedStore):
         """This rank's shard: its slots, the (replicated) bookkeeping and its place."""
         return {
             "slots": self.rows.data.view(self.local_rows, self.depth, *self.sample_shape),
-            "slot_count": self.ring.slot_count,
-            "ring_head": self.ring.ring_head,
+            **self.ring.fields(),
             "shard": {"rank": self.rank, "world_size": self.world_size},
         }
 
@@ -399,8 +608,7 @@ class ShardedMemoryStore(_DistributedStore):
         if state.get("shard") is None:
             slots = slots[self.rank :: self.world_size]
         self.rows.load_(slots.reshape(self.rows.data.shape))
-        self.ring.slot_count.copy_(state["slot_count"])
-        self.ring.ring_head.copy_(state["ring_head"])
+        self.ring.load(state)
 
 
 def _placeholder_full_slots(slots: object, store: ShardedMemoryStore) -> object:
@@ -431,7 +639,7 @@ def merge_shard_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ValueError: the states are not one complete set of shards of one memory.
 
     Example:
-        >>> shard = {"format_version": 1, "config": {"num_samples": 3}, "counters": {},
+        >>> shard = {"format_version": 2, "config": {"num_samples": 3}, "counters": {},
         ...          "slot_count": torch.ones(3, dtype=torch.int32),
         ...          "ring_head": torch.zeros(3, dtype=torch.int32)}
         >>> merged = merge_shard_states([
@@ -466,8 +674,8 @@ def merge_shard_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for state in by_rank[1:]:
         if state.get("config") != first.get("config"):
             raise ValueError("the shards come from memories of different configurations")
-        for key in ("slot_count", "ring_head"):
-            if not torch.equal(state[key], first[key]):
+        for key in (field.name for field in BOOKKEEPING if field.name in first):
+            if key not in state or not torch.equal(state[key], first[key]):
                 raise ValueError(f"the shards disagree on {key!r}: they come from different steps")
     num_samples = first["slot_count"].shape[0]
     local = first["slots"]

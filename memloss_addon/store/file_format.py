@@ -5,8 +5,10 @@ A memory file holds a JSON header and the raw bytes of three tensors, nothing th
     offset 0         8 bytes  magic b"\\x93MEMLOSS"
     offset 8         8 bytes  header length H (unsigned, little-endian)
     offset 16        H bytes  header: UTF-8 JSON, padded with spaces to a multiple of 64 bytes
-    offset 16 + H    P bytes  payload: "slots", "slot_count", "ring_head" in C order, each at a
-                              64-byte aligned offset from the payload start
+    offset 16 + H    P bytes  payload: "slots" and the bookkeeping tensors (``slot_count``,
+                              ``ring_head``, ``last_weight``, ``fooled_at_write``; see
+                              :data:`memloss_addon.store.slots.BOOKKEEPING`) in C order, each
+                              at a 64-byte aligned offset from the payload start
     end - 8          8 bytes  trailer: the tag b"MLCK" and the CRC-32 (unsigned, little-endian)
                               of every byte before the trailer
 
@@ -15,7 +17,8 @@ the checksum algorithm, the memory's configuration (``num_samples``, ``sample_sh
 ``mode``, ``dtype``, ``eps`` and the loss settings), its counters, for one rank of a sharded
 memory the rank and world size (a file then holds that rank's shard; see
 :func:`memloss_addon.store.distributed.merge_shard_states` to combine them), and each tensor's
-dtype, shape, offset and size.
+dtype, shape, offset and size. A file of memory state version 1 (before the per-slot
+bookkeeping) still loads: its missing fields get their initial values.
 
 Saving streams the slots to the file in chunks (a CUDA memory is copied to the host one chunk at a
 time), so no second full copy is held in RAM. The file is written next to its target and moved
@@ -51,7 +54,8 @@ import torch
 
 from .codecs import STORAGE_DTYPES
 from .files import PathLike, atomic_write
-from .local import FORMAT_VERSION
+from .local import READABLE_FORMAT_VERSIONS
+from .slots import BOOKKEEPING
 
 __all__ = [
     "FILE_FORMAT",
@@ -72,9 +76,17 @@ _TRAILER = struct.Struct("<4sI")  # tag, CRC-32
 _ALIGN = 64
 _CHUNK_BYTES = 16 * 2**20  # streaming granularity: bounds the extra RAM of saving and checking
 _MAX_HEADER_BYTES = 16 * 2**20  # a real header is a few hundred bytes; refuse absurd lengths
-_TENSORS = ("slots", "slot_count", "ring_head")
+_TENSORS = ("slots", *(field.name for field in BOOKKEEPING))
+
+
+def _tensors_of_version(version: int) -> tuple[str, ...]:
+    """The tensors a file of memory state ``version`` holds."""
+    since = {field.name: field.since_version for field in BOOKKEEPING}
+    return tuple(name for name in _TENSORS if since.get(name, 1) <= version)
+
+
 _DTYPES: dict[str, torch.dtype] = {name: dtype for name, dtype in STORAGE_DTYPES.items()}
-_DTYPES["int32"] = torch.int32  # int32: fill counts and ring heads
+_DTYPES.update({str(field.dtype).removeprefix("torch."): field.dtype for field in BOOKKEEPING})
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
@@ -109,7 +121,7 @@ def write_memory_file(state: dict[str, Any], path: PathLike) -> None:
     unknown = set(state) - {*_TENSORS, "format_version", "config", "counters", "shard"}
     if unknown:  # never drop part of a state silently
         raise ValueError(f"cannot save memory state entries {sorted(unknown)} to a memory file")
-    tensors = {name: state[name] for name in _TENSORS}
+    tensors = {name: state[name] for name in _tensors_of_version(state["format_version"])}
     layout: dict[str, dict[str, Any]] = {}
     offset = 0
     for name, tensor in tensors.items():
@@ -316,10 +328,11 @@ def _check_header(header: object, name: str) -> None:
             f"{name} has file format version {version!r}; this version of memloss-addon reads "
             f"version {FILE_FORMAT_VERSION}"
         )
-    if header.get("state_version") != FORMAT_VERSION:
+    state_version = header.get("state_version")
+    if state_version not in READABLE_FORMAT_VERSIONS:
         raise MemoryFileError(
-            f"{name} holds memory state version {header.get('state_version')!r}; this version "
-            f"of memloss-addon reads version {FORMAT_VERSION}"
+            f"{name} holds memory state version {state_version!r}; this version of "
+            f"memloss-addon reads versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
         )
     if header.get("byte_order") != sys.byteorder:
         raise fail(f"byte order {header.get('byte_order')!r}, this machine is {sys.byteorder!r}")
@@ -341,8 +354,9 @@ def _check_header(header: object, name: str) -> None:
     if not _is_count(payload) or payload == 0:
         raise fail(f"payload_nbytes is {payload!r}")
     tensors = header["tensors"]
-    if sorted(tensors) != sorted(_TENSORS):
-        raise fail(f"tensors are {sorted(tensors)}, expected {sorted(_TENSORS)}")
+    expected = sorted(_tensors_of_version(state_version))
+    if sorted(tensors) != expected:
+        raise fail(f"tensors are {sorted(tensors)}, expected {expected}")
     for tensor_name, entry in tensors.items():
         if not isinstance(entry, dict):
             raise fail(f"tensor {tensor_name!r} is not described by an object")

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..options import Mode
+from . import transfer
 from .codecs import dtype_name, make_codec
 from .disk import open_disk_memory
 from .placement import PendingRead, TensorStore
 from .slots import ReadPlan, SlotRing
 
-__all__ = ["MemoryRead", "MemoryStore", "estimate_nbytes", "FORMAT_VERSION"]
+__all__ = [
+    "FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
+    "MemoryRead",
+    "MemoryStore",
+    "SeenAtWrite",
+    "estimate_nbytes",
+]
 
-FORMAT_VERSION = 1
+# 2: per-slot bookkeeping (last weight, fooled at write). Version 1 states load with its initial
+# values (see slots.BOOKKEEPING).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 def estimate_nbytes(
@@ -32,21 +43,31 @@ def estimate_nbytes(
     depth: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> int:
-    """Bytes a memory of this configuration allocates: slots plus 8 bytes of bookkeeping a sample.
+    """Bytes a memory of this configuration allocates: slots plus bookkeeping.
 
-    Pinned reads to CUDA add two batch-sized staging buffers on top of this.
+    The bookkeeping (:data:`~memloss_addon.store.slots.BOOKKEEPING`) is 8 bytes per sample and
+    5 per slot.
+
+    Reads of a CPU memory to CUDA add pinned staging buffers on top of this: two for reads and
+    one for prefetches, each the next power of two of a batch's bytes (``memory.nbytes`` counts
+    them once they exist).
 
     Example:
         >>> estimate_nbytes(50_000, (3, 32, 32), dtype=torch.uint8)
-        154000000
+        154250000
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return num_samples * depth * math.prod(sample_shape) * itemsize + num_samples * 8
+    slots = num_samples * depth * math.prod(sample_shape) * itemsize
+    return slots + SlotRing.estimate_nbytes(num_samples, depth)
 
 
 @dataclass(frozen=True)
 class MemoryRead:
-    """Memory examples of a batch: row ``r`` belongs to batch position ``sample_of_row[r]``."""
+    """Memory examples of a batch: row ``r`` belongs to batch position ``sample_of_row[r]``.
+
+    ``slots_of_sample`` counts every filled slot of a sample (``K_i``), also those a selection
+    left out of the rows; ``slot_ids`` names each row's slot for the bookkeeping.
+    """
 
     examples: torch.Tensor
     sample_of_row: torch.Tensor
@@ -55,14 +76,53 @@ class MemoryRead:
     # store sets it when any rank has rows, so that every rank runs the model the same number of
     # times (DDP's buffer broadcasts in a forward pass are collectives too).
     run_forward: bool | None = None
+    slot_ids: torch.Tensor | None = None
+    # Filled rows of the batch before a selection (``num_rows`` when nothing was left out).
+    rows_filled: int | None = None
 
     @property
     def num_rows(self) -> int:
         return int(self.sample_of_row.shape[0])
 
+    def subset(self, rows: torch.Tensor) -> MemoryRead:
+        """The read of some of its rows (``rows``: row positions, in increasing order)."""
+        return replace(
+            self,
+            examples=self.examples.index_select(0, transfer.to_device(rows, self.examples.device)),
+            sample_of_row=self.sample_of_row.index_select(0, rows),
+            slot_ids=None if self.slot_ids is None else self.slot_ids.index_select(0, rows),
+            rows_filled=self.num_rows if self.rows_filled is None else self.rows_filled,
+            run_forward=None if self.run_forward is None else bool(rows.numel()),
+        )
+
     @property
     def needs_forward(self) -> bool:
         return self.num_rows > 0 if self.run_forward is None else self.run_forward
+
+
+@dataclass(frozen=True)
+class SeenAtWrite:
+    """What the model made of each example of a write when it was made (from its logits).
+
+    Attributes:
+        fooled: ``(B,)`` bool, whether the example was misclassified.
+        weight: ``(B,)`` float, ``1 - p_y`` of the example.
+    """
+
+    fooled: torch.Tensor
+    weight: torch.Tensor
+
+
+def facts_to_host(
+    accepted: torch.Tensor, seen: SeenAtWrite | None
+) -> tuple[torch.Tensor, SeenAtWrite | None]:
+    """The per-row facts of a write on the host, with one device-to-host copy (one CUDA sync)."""
+    if seen is None:
+        return accepted.cpu(), None
+    device = accepted.device
+    rows = [accepted.float(), seen.fooled.to(device).float(), seen.weight.to(device).float()]
+    host = torch.stack(rows).cpu()
+    return host[0].bool(), SeenAtWrite(fooled=host[1].bool(), weight=host[2])
 
 
 @dataclass(frozen=True)
@@ -87,8 +147,9 @@ class MemoryStore:
         dtype: storage dtype (float32, float16, bfloat16, uint8, int8).
         eps: the L-inf radius; needed by int8, used by uint8 to re-project on read.
         device: ``"cpu"`` or a CUDA device.
-        pin_memory: pin a CPU store (``None``: when CUDA is available). For a disk-backed store:
-            keep pinned staging buffers for reads to CUDA.
+        pin_memory: read a CPU (or disk-backed) store to CUDA through pinned staging buffers, a
+            few batches of rows; the store itself is never pinned (``None``: when CUDA is
+            available).
         storage_path: a folder to keep the memory in (see :mod:`memloss_addon.store.disk`)
             instead of RAM; reopening the folder continues where it left off. Needs
             ``device="cpu"`` (rows are still returned on the batch's device).
@@ -181,39 +242,114 @@ class MemoryStore:
             clean: the batch's clean inputs (perturbation and eps-projection replay on them).
         """
         self._last_device = clean.device
+        plan, pending = self._plan_or_prefetched(indices, clean.device)
+        if plan.store_rows.numel() == 0:
+            empty = clean.new_empty((0, *self.sample_shape))
+            return MemoryRead(
+                empty, plan.sample_of_row, plan.slots_of_sample, None, plan.store_rows
+            )
+        stored = pending.wait() if pending is not None else None
+        if stored is None:
+            stored = self.rows.read(plan.store_rows, clean.device)
+        examples = self._decode(stored, plan.sample_of_row, plan.slots_of_sample, clean)
+        return MemoryRead(examples, plan.sample_of_row, plan.slots_of_sample, None, plan.store_rows)
+
+    def _plan_or_prefetched(
+        self, indices: torch.Tensor, device: torch.device
+    ) -> tuple[ReadPlan, PendingRead | None]:
+        """The read plan of ``indices``, and the rows of a prefetch or recall for exactly them."""
         prefetched = self._prefetched
         if (
             prefetched is not None
-            and prefetched.device == clean.device
+            and prefetched.device == device
             and torch.equal(prefetched.indices, indices)
         ):
             self._prefetched = None
-            plan = prefetched.plan
-        else:  # a prefetch for other indices stays for a later call (writes invalidate it)
-            prefetched = None
-            plan = self.ring.plan_read(indices)
-        if plan.store_rows.numel() == 0:
-            empty = clean.new_empty((0, *self.sample_shape))
-            return MemoryRead(empty, plan.sample_of_row, plan.slots_of_sample)
-        if prefetched is not None and prefetched.rows is not None:
-            stored = prefetched.rows.wait()
-        else:
-            stored = self.rows.read(plan.store_rows, clean.device)
-        if bool((plan.slots_of_sample.numpy() == 1).all()):
+            return prefetched.plan, prefetched.rows
+        # A prefetch for other indices stays for a later call (writes invalidate it).
+        return self.ring.plan_read(indices), None
+
+    def _decode(
+        self,
+        stored: torch.Tensor,
+        sample_of_row: torch.Tensor,
+        slots_of_sample: torch.Tensor,
+        clean: torch.Tensor,
+    ) -> torch.Tensor:
+        if stored.shape[0] == clean.shape[0] and bool((slots_of_sample.numpy() == 1).all()):
             clean_rows = clean.detach()  # one row per sample, in batch order: no copy needed
         else:
-            clean_rows = clean.detach().index_select(0, plan.sample_of_row.to(clean.device))
-        examples = self.codec.decode(stored, clean_rows)
-        return MemoryRead(examples, plan.sample_of_row, plan.slots_of_sample)
+            rows = transfer.to_device(sample_of_row, clean.device)
+            clean_rows = clean.detach().index_select(0, rows)
+        return self.codec.decode(stored, clean_rows)
 
-    def write(self, indices: torch.Tensor, adv: torch.Tensor, clean: torch.Tensor) -> int:
+    def recall(
+        self, indices: torch.Tensor, clean: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's newest stored example (``clean``'s row where none), and which had one.
+
+        The rows read are kept for the next :meth:`read` of exactly these indices on this
+        device, so a recall followed by the step's call reads them once.
+
+        Args:
+            indices: validated 1-D int64 CPU dataset indices of the batch.
+            clean: the batch's clean inputs.
+
+        Returns:
+            ``(start, found)``: ``(B, *sample_shape)`` on ``clean``'s device and dtype, and a
+            ``(B,)`` bool CPU tensor.
+        """
+        plan, pending = self._plan_or_prefetched(indices, clean.device)
+        stored = pending.wait() if pending is not None else None
+        if stored is None and plan.store_rows.numel():
+            stored = self.rows.read(plan.store_rows, clean.device)
+        self._prefetched = _Prefetch(
+            indices=indices.clone(),
+            plan=plan,
+            device=clean.device,
+            rows=None if stored is None else PendingRead(stored),
+        )
+        return self._newest(plan, stored, clean)
+
+    def _newest(
+        self, plan: ReadPlan, stored: torch.Tensor | None, clean: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = clean.detach().clone()
+        found = torch.zeros(clean.shape[0], dtype=torch.bool)
+        if stored is None:
+            return start, found
+        newest = plan.newest_rows()
+        positions = plan.sample_of_row.index_select(0, newest)
+        found[positions] = True
+        on_device = transfer.to_device(positions, clean.device)
+        rows = stored.index_select(0, transfer.to_device(newest, stored.device))
+        start[on_device] = self.codec.decode(rows, clean.detach().index_select(0, on_device)).to(
+            clean.dtype
+        )
+        return start, found
+
+    def write(
+        self,
+        indices: torch.Tensor,
+        adv: torch.Tensor,
+        clean: torch.Tensor,
+        *,
+        seen: SeenAtWrite | None = None,
+    ) -> int:
         """Stores ``adv`` as the newest slot of each index; returns how many rows were rejected.
 
         Rows that are not finite (or overflow the storage dtype) are not stored: their samples keep
         their old slots. For an index repeated in the batch, the last accepted row wins.
+
+        Args:
+            indices: validated 1-D int64 CPU dataset indices of the batch.
+            adv: the examples to store.
+            clean: the batch's clean inputs.
+            seen: what the model made of each example when it was made (recorded per slot;
+                ``None``: not known).
         """
         encoded, accepted = self.codec.encode(adv, clean)
-        accepted = accepted.cpu()
+        accepted, seen = facts_to_host(accepted, seen)
         plan = self.ring.plan_write(indices, accepted)
         self._invalidate_prefetch(plan.samples)
         if plan.samples.numel():
@@ -222,10 +358,31 @@ class MemoryStore:
                 plan.batch_positions, torch.arange(encoded.shape[0])
             )
             if not every_row_in_order:  # duplicates or rejected rows: keep the winning rows only
-                winners = encoded.index_select(0, plan.batch_positions.to(encoded.device))
+                positions = transfer.to_device(plan.batch_positions, encoded.device)
+                winners = encoded.index_select(0, positions)
             self.rows.write(plan.store_rows, winners)
-            self.ring.commit(plan)
+            if seen is None:
+                self.ring.commit(plan)
+            else:
+                winners_of = plan.batch_positions
+                self.ring.commit(
+                    plan,
+                    fooled=seen.fooled.index_select(0, winners_of),
+                    weight=seen.weight.index_select(0, winners_of),
+                )
         return int(accepted.numel() - accepted.sum())
+
+    def fooled_at_write(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Whether these slots' examples fooled the model when made: 0, 1 or 255 (not known)."""
+        return self.ring.fooled_at_write.index_select(0, slot_ids)
+
+    def last_weights(self, slot_ids: torch.Tensor) -> torch.Tensor:
+        """``1 - p_y`` of these slots' examples when last seen (inf: never seen by the memory)."""
+        return self.ring.last_weight.index_select(0, slot_ids)
+
+    def record_weights(self, slot_ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Keeps ``1 - p_y`` of these slots' examples, measured at this read."""
+        self.ring.record_weights(slot_ids, weights.detach().to("cpu", torch.float32))
 
     def prefetch(self, indices: torch.Tensor, device: torch.device | None = None) -> None:
         """Starts reading the slots of ``indices`` for the next :meth:`read`.
@@ -269,6 +426,10 @@ class MemoryStore:
     def filled_fraction(self) -> float:
         return self.ring.filled_fraction()
 
+    def filled_samples(self) -> int:
+        """Samples with at least one filled slot."""
+        return int((self.ring.slot_count > 0).sum())
+
     def config(self) -> dict[str, Any]:
         """The storage configuration: what a loaded state must match."""
         return {
@@ -288,8 +449,7 @@ class MemoryStore:
         """
         return {
             "slots": self.rows.data.view(self.num_samples, self.depth, *self.sample_shape),
-            "slot_count": self.ring.slot_count,
-            "ring_head": self.ring.ring_head,
+            **self.ring.fields(),
         }
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -301,30 +461,18 @@ class MemoryStore:
                 f"{shard.get('world_size')!r} ranks; combine every rank's state with "
                 "memloss_addon.store.distributed.merge_shard_states() first"
             )
-        expected = {
-            "slots": ((self.num_samples, self.depth, *self.sample_shape), self.dtype),
-            "slot_count": ((self.num_samples,), torch.int32),
-            "ring_head": ((self.num_samples,), torch.int32),
-        }
-        for key, (shape, dtype) in expected.items():
-            if key not in state:
-                raise ValueError(f"memory state has no {key!r} entry")
-            value = state[key]
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"memory state {key!r} must be a tensor, got {type(value).__name__}"
-                )
-            if tuple(value.shape) != shape or value.dtype != dtype:
-                raise ValueError(
-                    f"memory state {key!r} has shape {tuple(value.shape)} and dtype {value.dtype}, "
-                    f"expected {shape} and {dtype}"
-                )
-        counts, heads = state["slot_count"], state["ring_head"]
-        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > self.depth):
-            raise ValueError(f"memory state 'slot_count' must lie in [0, {self.depth}]")
-        if heads.numel() and (int(heads.min()) < 0 or int(heads.max()) >= self.depth):
-            raise ValueError(f"memory state 'ring_head' must lie in [0, {self.depth - 1}]")
+        shape = (self.num_samples, self.depth, *self.sample_shape)
+        if "slots" not in state:
+            raise ValueError("memory state has no 'slots' entry")
         slots = state["slots"]
+        if not isinstance(slots, torch.Tensor):
+            raise TypeError(f"memory state 'slots' must be a tensor, got {type(slots).__name__}")
+        if tuple(slots.shape) != shape or slots.dtype != self.dtype:
+            raise ValueError(
+                f"memory state 'slots' has shape {tuple(slots.shape)} and dtype {slots.dtype}, "
+                f"expected {shape} and {self.dtype}"
+            )
+        self.ring.check_state(state, version=state.get("format_version", FORMAT_VERSION))
         if slots.is_floating_point():
             # amax/amin propagate NaN and need no temporary; isfinite() would allocate a
             # slot-sized float copy (abs) plus a mask, 1.25x the memory, on every load.
@@ -337,5 +485,4 @@ class MemoryStore:
         self.check_state(state)
         self._prefetched = None
         self.rows.load_(state["slots"].reshape(self.rows.data.shape))
-        self.ring.slot_count.copy_(state["slot_count"])
-        self.ring.ring_head.copy_(state["ring_head"])
+        self.ring.load(state)
