@@ -67,15 +67,17 @@ class MemoryWrapper:
         dtype: storage dtype: ``torch.float32`` (default), ``float16``, ``bfloat16``, ``uint8``
             (mode "example": rounded to the 1/255 grid) or ``int8`` (mode "perturbation": delta at
             scale ``eps / 127``).
-        device: where the memory lives: ``"cpu"`` (default; pinned when CUDA is present) or a CUDA
-            device. Memory examples are always returned on the batch's device.
+        device: where the memory lives: ``"cpu"`` (default) or a CUDA device. Memory examples
+            are always returned on the batch's device.
         eps: the attack's L-inf radius. Required for int8; with uint8 it re-projects read-back
             examples into the eps-ball of the current clean input.
         bn_mode: normalization policy of the memory forward pass: ``"train"`` (the model as it is,
             default), ``"frozen"`` (batch statistics, running statistics untouched) or ``"eval"``.
         detach_weight: stop the gradient through the ``1 - p_y`` weight (default ``True``).
         logits_fn: maps the model's output to logits, for models that return tuples or dicts.
-        pin_memory: pin a CPU memory; ``None`` (default) pins it when CUDA is available.
+        pin_memory: read a CPU (or disk-backed) memory to CUDA through pinned staging buffers, a
+            few batches of rows; the memory itself is never pinned (``None``, the default: when
+            CUDA is available). See docs/devices.md.
         distributed: ``None`` (default: this process only), ``"sharded"`` (each rank of
             ``torch.distributed`` holds about ``num_samples / world_size`` samples and rows are
             exchanged with their owners every call) or ``"replicated"`` (every rank holds all

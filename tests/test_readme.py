@@ -5,11 +5,14 @@ from __future__ import annotations
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# Documents whose examples continue the README's (they use its model, memory and data).
+DOCS = [ROOT / "docs" / "saving.md"]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+def python_blocks(path: pathlib.Path = README) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
 def test_readme_has_the_three_lines_and_the_two_commands():
@@ -26,8 +29,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for block in blocks:
-        exec(compile(block.replace("/tmp/", f"{tmp_path}/"), str(README), "exec"), namespace)
+    for path in (README, *DOCS):
+        for block in python_blocks(path):
+            exec(compile(block.replace("/tmp/", f"{tmp_path}/"), str(path), "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("0 1.0 0.0")  # epoch 1: memory filled, term still 0
     epoch, filled, term = printed[1].split()
