@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,10 +35,13 @@ __all__ = [
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """A context that turns autocast off on ``device`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
+    """A context that turns autocast off on ``device`` (a no-op where it is off or absent)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -153,6 +157,16 @@ def memloss_term(
         0.0555
     """
     batch_size = clean_logits.shape[0]
+    if _one_row_per_sample(sample_of_row, slots_of_sample, batch_size):
+        # One row per sample, in batch order (depth 1, every sample filled): no gathers.
+        kl, weight = memory_kl_rows(
+            clean_logits,
+            memory_logits,
+            targets.to(clean_logits.device),
+            weighting=weighting,
+            detach_weight=detach_weight,
+        )
+        return (weight * kl).sum() * (beta_prime / batch_size), weight.detach()
     # Host indices reach the GPU without a blocking copy (see store.transfer).
     rows = transfer.to_device(sample_of_row, clean_logits.device)
     target_rows = rows if targets.device == rows.device else sample_of_row.to(targets.device)
@@ -167,3 +181,16 @@ def memloss_term(
     per_row_share = per_row_share.to(kl.dtype)
     term = (weight * kl / per_row_share).sum() * (beta_prime / batch_size)
     return term, weight.detach()
+
+
+def _one_row_per_sample(
+    sample_of_row: torch.Tensor, slots_of_sample: torch.Tensor, batch_size: int
+) -> bool:
+    """Whether row ``r`` is sample ``r``'s only row (checked on the host, where they are)."""
+    if sample_of_row.shape[0] != batch_size or sample_of_row.device.type != "cpu":
+        return False
+    if slots_of_sample.device.type != "cpu":
+        return False
+    return bool((slots_of_sample.numpy() == 1).all()) and bool(
+        (sample_of_row.numpy() == np.arange(batch_size)).all()
+    )

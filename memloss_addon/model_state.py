@@ -119,6 +119,9 @@ def batchnorm_mode(model: nn.Module, mode: BNMode) -> Iterator[None]:
         ([0.0, 0.0], 0, True)
     """
     check_choice("bn_mode", mode, BN_MODES)
+    if mode == "train":  # nothing changes, so nothing to record and restore
+        yield
+        return
     with preserved_training_flags(model):
         if mode == "eval":
             model.eval()

@@ -54,9 +54,10 @@ class Counters:
 
     def add_term(self, term: torch.Tensor, weights: torch.Tensor) -> None:
         """Adds a computed term and the weights of its rows, without a device sync."""
-        value = term.detach().double()
+        value = term.detach()
+        # The running sums are float64 tensors: adding a float32 value promotes it.
         self.term_sum = _on(self.term_sum, value.device) + value
-        self.weight_sum = _on(self.weight_sum, value.device) + weights.detach().double().sum()
+        self.weight_sum = _on(self.weight_sum, value.device) + weights.detach().sum()
         self.last_term = value
 
     def copy(self) -> Counters:

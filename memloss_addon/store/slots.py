@@ -209,6 +209,12 @@ class SlotRing:
         """The filled slots of ``indices`` (a 1-D int64 CPU tensor of valid indices)."""
         index = indices.numpy()
         counts = self.slot_count.numpy()[index].astype(np.int64)
+        if self.depth == 1 and counts.all():  # the usual read: one slot per sample, all filled
+            return ReadPlan(
+                sample_of_row=torch.arange(index.shape[0]),
+                store_rows=torch.from_numpy(index.copy()),
+                slots_of_sample=torch.from_numpy(counts),
+            )
         heads = self.ring_head.numpy()[index].astype(np.int64)
         filled = np.arange(self.depth) < counts[:, None]  # (B, depth), row-major: by position
         positions, ages = np.nonzero(filled)
