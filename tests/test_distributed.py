@@ -92,6 +92,43 @@ def _duplicates(layout: str, rank: int, world_size: int) -> dict:
     }
 
 
+def _recall(layout: str, rank: int, world_size: int) -> dict:
+    """Rank r stores samples 2r and 2r + 1 (with their logits), then recalls the next rank's."""
+    model = mlp()
+    memory = MemoryWrapper(model, 2 * world_size, (FEATURES,), distributed=layout)
+    mine = torch.tensor([2 * rank, 2 * rank + 1])
+    x = torch.full((2, FEATURES), 0.5, dtype=torch.float64)
+    adv = torch.stack([torch.full((FEATURES,), 0.01 * int(i), dtype=torch.float64) for i in mine])
+    # Sample 2r "fools the model when made", sample 2r + 1 not: logits chosen to make it so.
+    targets = torch.tensor([0, 1])
+    adv_logits = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    memory(mine, x, adv, model(x), targets, adv_logits=adv_logits)
+    fooled_first = memory.state_dict()["fooled_at_write"].tolist()
+    theirs = torch.tensor([(2 * rank + 2) % (2 * world_size), (2 * rank + 3) % (2 * world_size)])
+    exchange = memory.store.exchange
+    counts = {"rows": 0, "gathers": 0}
+    real_rows, real_gather = exchange.exchange_rows, exchange.gather_padded
+
+    def rows(*args, **kwargs):
+        counts["rows"] += 1
+        return real_rows(*args, **kwargs)
+
+    def gather(*args, **kwargs):
+        counts["gathers"] += 1
+        return real_gather(*args, **kwargs)
+
+    exchange.exchange_rows, exchange.gather_padded = rows, gather
+    start, found = memory.recall(theirs, x)
+    memory(theirs, x, x, model(x), targets)
+    return {
+        "start": start.tolist(),
+        "found": found.tolist(),
+        "counts": counts,
+        "fooled_first": fooled_first,
+        "fooled": memory.state_dict()["fooled_at_write"].tolist(),
+    }
+
+
 def _bad_call(rank: int, world_size: int) -> dict:
     memory = MemoryWrapper(mlp(), 6, (FEATURES,), distributed="sharded")
     x = torch.full((2, FEATURES), 0.5, dtype=torch.float64)
@@ -194,6 +231,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                     memory, memory.model, num_samples, world_size, rank, range(EPOCHS)
                 )
             results[f"duplicates-{layout}"] = _duplicates(layout, rank, world_size)
+            results[f"recall-{layout}"] = _recall(layout, rank, world_size)
         results["bad_call"] = _bad_call(rank, world_size)
         padded = SIZES[world_size][1]
         on_disk = MemoryWrapper(
@@ -362,6 +400,28 @@ def test_same_step_duplicates_keep_the_highest_rank_accepted_row(ranks, layout):
         assert stats["rows_rejected_all_ranks"] == 1
         assert stats["rows_accepted_all_ranks"] == 2 * world_size - 1
         assert stats["filled_fraction"] == 2 / 6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_recall_gives_other_ranks_rows_and_the_call_exchanges_them_once(ranks, layout):
+    world_size, results = ranks
+    samples = 2 * world_size
+    for rank in range(world_size):
+        result = results[rank][f"recall-{layout}"]
+        wanted = [(2 * rank + 2) % samples, (2 * rank + 3) % samples]
+        assert result["found"] == [True, True]
+        # Stored as float32: compare with the float32 rounding of what was written.
+        assert result["start"] == [
+            [float(torch.tensor(0.01 * i).float())] * FEATURES for i in wanted
+        ]
+        # A plain call: 3 gathers (header, indices, flags) and 2 row exchanges for sharded (read,
+        # write) or 1 (write) for replicated. Recall + call: the same, nothing twice.
+        gathers, row_exchanges = 3, (2 if layout == "sharded" else 1)
+        assert result["counts"] == {"gathers": gathers, "rows": row_exchanges}
+        # Every rank knows every rank's fooled-at-write flags: even samples fooled, odd not; the
+        # second call rewrote every sample without logits: not known.
+        assert result["fooled_first"] == [1 if i % 2 == 0 else 0 for i in range(samples)]
+        assert result["fooled"] == [255] * samples
 
 
 def test_a_sharded_memory_on_disk_gives_the_same_terms(ranks):

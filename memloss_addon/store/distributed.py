@@ -68,7 +68,7 @@ import torch.distributed as dist
 
 from . import transfer
 from .local import MemoryRead, MemoryStore, SeenAtWrite, facts_to_host
-from .slots import BOOKKEEPING, FOOLED_UNKNOWN, ReadPlan
+from .slots import BOOKKEEPING, FOOLED_UNKNOWN, ReadPlan, WritePlan
 
 __all__ = [
     "ReplicatedMemoryStore",
@@ -339,6 +339,25 @@ class _DistributedStore(MemoryStore):
                 self.abort()
             raise
 
+    def _plan_write(
+        self,
+        indices: torch.Tensor,
+        adv: torch.Tensor,
+        clean: torch.Tensor,
+        seen: SeenAtWrite | None,
+    ) -> tuple[_GlobalBatch, torch.Tensor, torch.Tensor, torch.Tensor, WritePlan]:
+        """Encodes this rank's rows and plans every rank's write (the call's flag gather).
+
+        Returns the step, this rank's encoded rows, its acceptance flags (host), every rank's
+        fooled-at-write codes by global position, and the global write plan.
+        """
+        self._use_devices(clean.device)
+        step = self._batch_for_write(indices)
+        encoded, accepted = self.codec.encode(adv, clean)
+        accepted, seen = facts_to_host(accepted, seen)
+        everyone, fooled = self._gather_accepted(step, accepted, seen)
+        return step, encoded, accepted, fooled, self.ring.plan_write(step.indices, everyone)
+
     def _gather_accepted(
         self, step: _GlobalBatch, accepted: torch.Tensor, seen: SeenAtWrite | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,12 +423,7 @@ class ReplicatedMemoryStore(_DistributedStore):
         *,
         seen: SeenAtWrite | None = None,
     ) -> int:
-        self._use_devices(clean.device)
-        step = self._batch_for_write(indices)
-        encoded, accepted = self.codec.encode(adv, clean)
-        accepted, seen = facts_to_host(accepted, seen)
-        everyone, fooled = self._gather_accepted(step, accepted, seen)
-        plan = self.ring.plan_write(step.indices, everyone)
+        step, encoded, accepted, fooled, plan = self._plan_write(indices, adv, clean, seen)
         self._invalidate_prefetch(plan.samples)
         writer = step.rank_of_position.index_select(0, plan.batch_positions)
         mine = (writer == self.rank).nonzero().squeeze(1)
@@ -539,12 +553,7 @@ class ShardedMemoryStore(_DistributedStore):
         *,
         seen: SeenAtWrite | None = None,
     ) -> int:
-        self._use_devices(clean.device)
-        step = self._batch_for_write(indices)
-        encoded, accepted = self.codec.encode(adv, clean)
-        accepted, seen = facts_to_host(accepted, seen)
-        everyone, fooled = self._gather_accepted(step, accepted, seen)
-        plan = self.ring.plan_write(step.indices, everyone)
+        step, encoded, accepted, fooled, plan = self._plan_write(indices, adv, clean, seen)
         writer = step.rank_of_position.index_select(0, plan.batch_positions)
         owner = plan.samples % self.world_size
         local_row = self._local_store_rows(plan.samples, plan.new_heads)
