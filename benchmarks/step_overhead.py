@@ -18,10 +18,14 @@ repetition:
   For TRADES, MART, HAT and ST the clean logits are in the base loss already; PGD-AT and
   single-step compute them in an extra forward pass that the base loss does not backpropagate.
 
-For TRADES-10 one more variant runs in the same repetitions:
+For TRADES-10 more variants run in the same repetitions:
 
 - ``memory d1 disk``: the depth-1 step with a memory kept in a folder on disk
-  (``storage_path``, a memory-mapped file) instead of RAM.
+  (``storage_path``, a memory-mapped file) instead of RAM;
+- ``replay 0.5``: the depth-1 step with ``replay_fraction=0.5`` (half the memory rows go through
+  the model; target: at most 1.06 x the base step);
+- ``started kS`` for S = 1, 2, 3, 5: no MemLoss term; the attack starts from the memory
+  (``recall``) and takes S steps, and the memory stores the new examples (``beta_prime=0``).
 
 Times are medians over the repetitions of each step's CPU time (``time.process_time``: this
 process's CPU time, which leaves out time spent waiting for other processes on a shared machine);
@@ -63,10 +67,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from memloss_addon import MemoryWrapper, objectives
 from memloss_addon.experiments.models import SmallResNet
+from memloss_addon.objectives.pgd import uniform_start
 
 EPS = 8 / 255
 TARGET = ("TRADES-10", 1.10)
 DEPTHS = (1, 2, 4)
+REPLAY = "replay 0.5"
+STARTED = "started"
+STARTED_STEPS = (1, 2, 3, 5)
+REPLAY_TARGET = 1.06
 DISK = "memory d1 disk"
 WORLD_SIZE = 2
 LAYOUTS = ("sharded", "replicated")
@@ -100,6 +109,7 @@ class StepBench:
         widths: tuple[int, int, int],
         seed: int,
         storage_path: str | None = None,
+        extras: bool = False,
     ) -> None:
         torch.manual_seed(seed)
         self.objective = objective
@@ -127,14 +137,23 @@ class StepBench:
                 self.model, num_samples, (3, 32, 32), depth=1, eps=EPS, storage_path=storage_path
             )
             self.variants.insert(-1, DISK)
+        if extras:
+            self.memories[REPLAY] = MemoryWrapper(
+                self.model, num_samples, (3, 32, 32), eps=EPS, replay_fraction=0.5
+            )
+            self.memories[STARTED] = MemoryWrapper(
+                self.model, num_samples, (3, 32, 32), eps=EPS, beta_prime=0.0
+            )
+            self.variants[-1:-1] = [REPLAY, *(f"started k{k}" for k in STARTED_STEPS)]
         with torch.no_grad():  # fill every slot, so that every timed call reads depth x B rows
             for key, memory in self.memories.items():
-                for _ in range(1 if key == DISK else int(key)):
+                for _ in range(int(key) if isinstance(key, int) else 1):
                     for first in range(0, num_samples, batch):
                         idx = torch.arange(first, first + batch)
                         x = self.x[idx]
                         adv = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)
-                        memory(idx, x, adv, self.model(x), self.y[idx], write=True)
+                        logits = self.model(x)
+                        memory(idx, x, adv, logits, self.y[idx], adv_logits=logits, write=True)
                 assert memory.stats()["filled_fraction"] == 1.0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,13 +166,26 @@ class StepBench:
     def step(self, variant: str) -> None:
         """One training step of ``variant``: "base", "floor", "memory dK" or "memory d1 disk"."""
         x, y, idx = self.next_batch()
+        if variant.startswith("started k"):
+            started = self.memories[STARTED]
+            start, found = started.recall(idx, x)
+            start = torch.where(found.view(-1, 1, 1, 1), start, uniform_start(x, EPS))
+            steps = int(variant.removeprefix("started k"))
+            kwargs = {**self.kwargs, "steps": steps, "step_size": max(EPS / steps, EPS / 4)}
+            out = self.objective(self.model, x, y, **kwargs, init=start)
+            loss = out.loss + started(idx, x, out.adv, out.logits, y, adv_logits=out.adv_logits)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            return
         out = self.objective(self.model, x, y, **self.kwargs)
         loss = out.loss
         if variant == "floor":
             extra = F.cross_entropy(self.model(out.adv.detach()), y)
             loss = loss + 1e-3 * (extra + F.cross_entropy(out.logits, y))
-        elif variant == DISK:
-            loss = loss + self.memories[DISK](idx, x, out.adv, out.logits, y)
+        elif variant in (DISK, REPLAY):
+            memory = self.memories[variant]
+            loss = loss + memory(idx, x, out.adv, out.logits, y, adv_logits=out.adv_logits)
         elif variant.startswith("memory d"):
             memory = self.memories[int(variant.removeprefix("memory d"))]
             loss = loss + memory(idx, x, out.adv, out.logits, y)
@@ -390,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             widths=widths,
             seed=i,
             storage_path=disk_folder.name if label == target_label else None,
+            extras=label == target_label,
         )
         for i, (label, (objective, kwargs)) in enumerate(method_table(steps).items())
     }
@@ -444,6 +477,18 @@ def main(argv: list[str] | None = None) -> int:
             f" {row['wall_ratio_d1']:13.3f}  {verdict}"
         )
     for row in rows:
+        if REPLAY in row["ratio"]:
+            replay = row["ratio"][REPLAY]
+            verdict = "PASS" if replay <= REPLAY_TARGET else "FAIL"
+            row["replay_target"], row["replay_passed"] = REPLAY_TARGET, replay <= REPLAY_TARGET
+            started = ", ".join(
+                f"{k} step(s) {row['ratio'][f'started k{k}']:.3f}" for k in STARTED_STEPS
+            )
+            print(
+                f"{row['method']:>12s} replay fraction 0.5: {replay:.3f} x base "
+                f"(target <= {REPLAY_TARGET:.2f}: {verdict}); memory-started attacks, no term: "
+                f"{started} x base"
+            )
         if DISK in row["ratio"]:
             print(
                 f"{row['method']:>12s} depth 1 on disk (storage_path): {row['ratio'][DISK]:.3f} x "
