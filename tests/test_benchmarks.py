@@ -66,11 +66,14 @@ def test_step_overhead_smoke_ratios_are_medians_of_the_raw_times(tmp_path):
         raw = result["cpu_seconds"][row["method"]]
         wall = result["wall_seconds"][row["method"]]
         expected_variants = {"base", "memory d1", "memory d2", "memory d4", "floor"}
-        if row["method"] == "TRADES-2":  # the disk-backed depth-1 memory runs for TRADES only
-            expected_variants.add("memory d1 disk")
+        if row["method"] == "TRADES-2":  # disk, replay and memory-started: TRADES only
+            expected_variants |= {"memory d1 disk", "replay 0.5"}
+            expected_variants |= {f"started k{k}" for k in (1, 2, 3, 5)}
             assert row["wall_ratio_disk"] == pytest.approx(
                 statistics.median(wall["memory d1 disk"]) / statistics.median(wall["base"])
             )
+            replay = statistics.median(raw["replay 0.5"]) / statistics.median(raw["base"])
+            assert row["replay_target"] == 1.06 and row["replay_passed"] is (replay <= 1.06)
         assert set(raw) == set(wall) == expected_variants
         assert all(len(times) == 1 and times[0] > 0 for times in raw.values())
         base = statistics.median(raw["base"])
