@@ -24,6 +24,12 @@ process's CPU time (the machine may be shared); the disk-backed placement counts
 CPU placement covers every shape and batch; the disk-backed and distributed ones (when
 ``MemoryWrapper`` has them) 3x32x32 and 3x224x224 at batch 128. Pinned-CPU and CUDA placements
 run when CUDA is present. ``--smoke`` times only 3x32x32 at batch 128, one short round (tests).
+
+A last section measures a call's cost in two parts, on the CPU placement: its fixed cost, a whole
+call at 1x8x8 and batch 128 in float32 (target: at most 250 us), and its marginal cost per byte at
+3x32x32, ``(call(512) - call(64)) / (copy(512) - copy(64))`` where a copy moves the batch's float32
+bytes twice, the read and the write a call must do (targets: at most 3 for float32, 5 for uint8
+and int8).
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
 # Ratio call / memcpy the memory must stay under at the target configuration.
 TARGETS = {"float32": 3.0, "float16": 3.0, "uint8": 4.0, "int8 (perturbation)": 4.0}
 TARGET_SHAPE, TARGET_BATCH = (3, 32, 32), 128
+FIXED_COST_TARGET_US = 250.0  # a whole call at 1x8x8, batch 128, float32
+MARGINAL_TARGETS = {"float32": 3.0, "uint8": 5.0, "int8 (perturbation)": 5.0}  # at 3x32x32
 SHAPES = ((1, 8, 8), (3, 32, 32), (3, 64, 64), (3, 224, 224))
 BATCHES = (64, 128, 256, 512)
 EPS = 8 / 255
@@ -238,6 +246,58 @@ HEADER = (
 )
 
 
+def call_costs(rows: list[dict[str, Any]], *, rounds: int, min_run_time: float) -> dict[str, Any]:
+    """The fixed and marginal cost of a call on the CPU, from ``rows`` or measured now."""
+    cpu = next(p for p in placements()[0] if p.name == "cpu")
+
+    def row(shape: tuple[int, ...], batch: int, dtype_name: str) -> dict[str, Any]:
+        name = "x".join(map(str, shape))
+        for found in rows:
+            if (found["placement"], found["shape"], found["batch"], found["dtype"]) == (
+                "cpu",
+                name,
+                batch,
+                dtype_name,
+            ):
+                return found
+        measured = measure(
+            placement=cpu,
+            dtype_name=dtype_name,
+            batch=batch,
+            shape=shape,
+            rounds=rounds,
+            min_run_time=min_run_time,
+            scratch=Path(tempfile.gettempdir()),
+        )
+        extra.append(measured)
+        return measured
+
+    extra: list[dict[str, Any]] = []
+    fixed = row((1, 8, 8), 128, "float32")["call_us"]
+    marginal = {}
+    for name, target in MARGINAL_TARGETS.items():
+        small, large = row(TARGET_SHAPE, 64, name), row(TARGET_SHAPE, 512, name)
+        extra_call = large["call_us"] - small["call_us"]
+        extra_copies = 2 * (large["memcpy_us"] - small["memcpy_us"])
+        ratio = extra_call / extra_copies
+        marginal[name] = {
+            "call_64_us": small["call_us"],
+            "call_512_us": large["call_us"],
+            "memcpy_64_us": small["memcpy_us"],
+            "memcpy_512_us": large["memcpy_us"],
+            "ratio": ratio,
+            "target": target,
+            "passed": ratio <= target,
+        }
+    return {
+        "fixed_us": fixed,
+        "fixed_target_us": FIXED_COST_TARGET_US,
+        "fixed_passed": fixed <= FIXED_COST_TARGET_US,
+        "marginal": marginal,
+        "measured_for_this": extra,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="3x32x32 at batch 128, one round")
@@ -286,6 +346,19 @@ def main(argv: list[str] | None = None) -> int:
                         print(format_row(row), flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
+    costs = call_costs(rows, rounds=rounds, min_run_time=min_run_time)
+    print("\nA call's cost on the CPU (process CPU time):")
+    fixed = costs["fixed_us"]
+    print(
+        f"  fixed: {fixed:.0f} us at 1x8x8, batch 128, float32 (target <= "
+        f"{FIXED_COST_TARGET_US:.0f} us: {'PASS' if costs['fixed_passed'] else 'FAIL'})"
+    )
+    for name, entry in costs["marginal"].items():
+        verdict = "PASS" if entry["passed"] else "FAIL"
+        print(
+            f"  marginal per byte, {name}: {entry['ratio']:.2f} x two float32 copies "
+            f"(target <= {entry['target']:.0f}: {verdict})"
+        )
     checked = [r for r in rows if r["passed"] is not None]
     print("\nTarget at 3x32x32, batch 128 (call / memcpy):")
     for row in checked:
@@ -295,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             f" <= {row['target']:.0f}  {verdict}"
         )
     if json_path is not None:
-        write_json(json_path, {"meta": meta, "rows": rows})
+        write_json(json_path, {"meta": meta, "rows": rows, "call_costs": costs})
         print(f"\nwrote {json_path}")
     return 0
 

@@ -54,6 +54,18 @@ def test_buffer_overhead_smoke_reports_consistent_ratios(tmp_path):
         expected = None if row["target"] is None else row["call_over_memcpy"] <= row["target"]
         assert row["passed"] is expected
     assert "Target at 3x32x32, batch 128" in stdout
+    costs = json.loads(out.read_text())["call_costs"]
+    extra = {(r["shape"], r["batch"], r["dtype"]): r for r in costs["measured_for_this"]}
+    fixed = extra[("1x8x8", 128, "float32")]["call_us"]
+    assert costs["fixed_us"] == fixed and costs["fixed_passed"] is (fixed <= 250)
+    for name, target in {"float32": 3.0, "uint8": 5.0, "int8 (perturbation)": 5.0}.items():
+        small, large = extra[("3x32x32", 64, name)], extra[("3x32x32", 512, name)]
+        ratio = (large["call_us"] - small["call_us"]) / (
+            2 * (large["memcpy_us"] - small["memcpy_us"])
+        )
+        entry = costs["marginal"][name]
+        assert entry["ratio"] == pytest.approx(ratio) and entry["target"] == target
+        assert entry["passed"] is (ratio <= target)
 
 
 def test_step_overhead_smoke_ratios_are_medians_of_the_raw_times(tmp_path):
