@@ -15,12 +15,23 @@ Example:
     0.0
 """
 
-from .data import IndexedDataset
-from .loss import memloss_term, memory_kl_rows
-from .memory import MemoryWrapper
-from .store.file_format import MemoryFileError
-from .store.files import atomic_write
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+# The names load on first use, so that ``import memloss_addon`` (and the ``memloss`` command's
+# --help) does not pay for importing torch until something needs it.
+_EXPORTS = {
+    "IndexedDataset": ".data",
+    "MemoryFileError": ".store.file_format",
+    "MemoryWrapper": ".memory",
+    "atomic_write": ".store.files",
+    "memloss_term": ".loss",
+    "memory_kl_rows": ".loss",
+}
 
 __all__ = [
     "IndexedDataset",
@@ -31,3 +42,22 @@ __all__ = [
     "memloss_term",
     "memory_kl_rows",
 ]
+
+if TYPE_CHECKING:
+    from .data import IndexedDataset
+    from .loss import memloss_term, memory_kl_rows
+    from .memory import MemoryWrapper
+    from .store.file_format import MemoryFileError
+    from .store.files import atomic_write
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
