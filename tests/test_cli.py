@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from memloss_addon.experiments import cli
+from memloss_addon.experiments import attack_scoring, cli, cli_parser, names
 from memloss_addon.experiments.datasets import load_digits
+from memloss_addon.experiments.evaluate import evaluate
+from memloss_addon.experiments.evaluation_settings import EvaluationSettings
 from memloss_addon.experiments.models import build_model
-from memloss_addon.experiments.training import TrainConfig, TrainingRun
+from memloss_addon.experiments.train_config import TrainConfig
+from memloss_addon.experiments.training import TrainingRun
 
 pytest.importorskip("sklearn")
 
@@ -221,6 +229,219 @@ def test_bad_choice_is_a_usage_error(capsys):
 def test_patch_subcommand_is_registered_when_available(capsys):
     pytest.importorskip("memloss_addon.experiments.patching")
     with pytest.raises(SystemExit) as info:
-        cli.build_parser().parse_args(["patch", "--help"])
+        cli_parser.build_parser().parse_args(["patch", "--help"])
     assert info.value.code == 0
     assert "--revert" in capsys.readouterr().out
+
+
+# -- per-epoch records, diagnostics, held-out best epoch ---------------------------------------
+
+DOCUMENTED_EPOCH_COLUMNS = [
+    "epoch",
+    "loss",
+    "memory_term",
+    "memory_mean_term",
+    "memory_mean_weight",
+    "memory_accuracy",
+    "rows_classified",
+    "rows_forgotten",
+    "rows_recovered",
+    "rows_skipped",
+    "train_clean_accuracy",
+    "test_clean_accuracy",
+    "curve_clean_accuracy",
+    "curve_pgd_accuracy",
+    "holdout_pgd_accuracy",
+    "attack_from_memory",
+    "lr",
+    "seconds",
+    "cpu_seconds",
+    "eval_seconds",
+]
+
+
+def test_train_diagnostics_writes_per_epoch_files_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    args = ["train", "--method", "pgd_at", "--epochs", "2", "--steps", "1", "--diagnostics"]
+    args += ["--holdout", "100", "--curve-samples", "30", "--attack-init", "memory"]
+    assert cli.main([*args, "--model", "digits-mlp", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # 1337 training samples in batches of 128: 11 steps per epoch, drops after steps 11 and 16.
+    assert "schedule: lr 0.05, x0.1 twice in epoch 2 (after steps 11 and 16 of 22)" in printed
+    lines = (out / "epochs.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [list(r) for r in records] == [DOCUMENTED_EPOCH_COLUMNS] * 2
+    with open(out / "epochs.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == DOCUMENTED_EPOCH_COLUMNS and len(rows) == 3
+    history = torch.load(out / "checkpoint.pt", weights_only=True)["history"]
+    for record, row, saved in zip(records, rows[1:], history, strict=True):
+        assert record["loss"] == saved["loss"] and float(row[1]) == saved["loss"]
+    first, second = records
+    assert first["rows_classified"] == 0 and first["memory_accuracy"] is None
+    assert rows[1][DOCUMENTED_EPOCH_COLUMNS.index("memory_accuracy")] == ""
+    assert second["rows_classified"] == 1337  # every training sample's example, read once
+    assert second["rows_forgotten"] + second["rows_recovered"] <= 1337
+    assert second["attack_from_memory"] is True and first["attack_from_memory"] is False
+    for record in records:
+        for name in ("curve_clean_accuracy", "curve_pgd_accuracy"):
+            assert abs(record[name] * 30 - round(record[name] * 30)) < 1e-9  # 30 test images
+        held_out = record["holdout_pgd_accuracy"] * 100  # 100 held-out images
+        assert abs(held_out - round(held_out)) < 1e-9
+    assert (out / "diagnostics.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    best_epoch = max(range(2), key=lambda i: (records[i]["holdout_pgd_accuracy"], -i)) + 1
+    assert f"best epoch by held-out PGD-20: {best_epoch}" in printed
+
+    report = tmp_path / "best.json"
+    checkpoint = str(out / "checkpoint.pt")
+    args = ["eval", checkpoint, "--weights", "best", "--attacks", "clean", "--no-progress"]
+    assert cli.main([*args, "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["epoch"] == best_epoch
+    assert f"best epoch {best_epoch} of 2" in capsys.readouterr().out
+
+
+def test_eval_of_best_weights_without_holdout_is_an_error(tmp_path, capsys):
+    config = TrainConfig(method="pgd_at", epochs=1, steps=1, model="digits-mlp")
+    TrainingRun(config, load_digits()).save(tmp_path / "ckpt.pt")
+    assert cli.main(["eval", str(tmp_path / "ckpt.pt"), "--weights", "best"]) == 1
+    assert "--holdout" in capsys.readouterr().err
+
+
+def test_reset_without_memory_started_attacks_is_a_one_line_error(tmp_path, capsys):
+    args = ["train", "--method", "pgd_at", "--attack-reset-every", "5", "--out", str(tmp_path)]
+    assert cli.main(args) == 1
+    assert "attack_init='memory'" in capsys.readouterr().err
+
+
+# -- the parser: schedule in --help, declared choices, no torch ----------------------------------
+
+
+def test_train_help_describes_the_learning_rate_schedule(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "x0.1 after 50% and 75% of the steps" in text
+    assert "hat: one-cycle" in text and "--milestones" in text
+
+
+def test_choices_come_from_the_declared_tuples():
+    parser = cli_parser.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    def choices(command: str, option: str):
+        sub = subcommands.choices[command]
+        return tuple(next(a for a in sub._actions if option in a.option_strings).choices)
+
+    for command in ("train", "compare"):
+        assert choices(command, "--attack-init") == names.ATTACK_INITS
+        assert choices(command, "--dataset") == names.DATASET_NAMES
+    assert choices("train", "--method") == names.METHOD_NAMES
+    assert choices("compare", "--methods") == names.METHOD_NAMES
+    assert choices("train", "--model") == names.MODEL_NAMES
+    assert choices("eval", "--weights") == names.MODEL_STATES
+    assert choices("eval", "--attacks") == names.ATTACK_NAMES
+    assert choices("eval", "--autoattack") == names.AUTOATTACK_PRESETS
+
+
+_WITHOUT_PACKAGE_INITS = """
+import sys, types, pathlib
+root = pathlib.Path({root!r})
+# Stand-ins for the package __init__ files (which import torch today), so that this checks what
+# the command's own modules import.
+for name, folder in [("memloss_addon", root), ("memloss_addon.store", root / "store"),
+                     ("memloss_addon.integrations", root / "integrations")]:
+    module = types.ModuleType(name)
+    module.__path__ = [str(folder)]
+    sys.modules[name] = module
+from memloss_addon.experiments import cli
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["compare", "--help"]):
+    assert cli.main(argv) == 0
+print("torch" in sys.modules)
+"""
+
+
+def test_the_command_modules_import_no_torch_for_help():
+    root = Path(cli.__file__).resolve().parents[1]
+    script = _WITHOUT_PACKAGE_INITS.format(root=str(root))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_help_imports_no_torch_when_the_packages_are_lazy():
+    # The parser registers `memloss patch`, whose module imports memloss_addon.integrations and
+    # memloss_addon.store: their package __init__ files must load their names lazily too.
+    probe = "import sys, memloss_addon.experiments.patching; print('torch' in sys.modules)"
+    eager = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if eager.stdout.strip() != "False":
+        pytest.skip("a package __init__ on the patch tool's import path imports torch")
+    script = (
+        "import sys; from memloss_addon.experiments import cli; "
+        "assert cli.main(['train', '--help']) == 0; print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+# -- eval's progress bar -------------------------------------------------------------------------
+
+
+class _FakeBar:
+    made: list[_FakeBar] = []
+
+    def __init__(self, iterable=None, *, total=None, **kwargs):
+        self.total, self.updates, self.descriptions = total, [], []
+        _FakeBar.made.append(self)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def set_description(self, text, refresh=True):
+        self.descriptions.append(text)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_eval_progress_bar_moves_after_every_attack_of_every_batch(monkeypatch):
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    monkeypatch.setattr(tqdm_auto, "tqdm", _FakeBar)
+    _FakeBar.made.clear()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    batches = [(torch.rand(5, 1, 2, 2), torch.randint(0, 3, (5,))) for _ in range(3)]
+    evaluate(model, batches, eps=0.1, attacks=["clean", "pgd", "cw"], pgd_steps=2, progress=True)
+    (bar,) = _FakeBar.made
+    assert bar.total == 9 and bar.updates == [1] * 9
+    assert bar.descriptions == ["evaluate: clean", "evaluate: pgd", "evaluate: cw"] * 3
+
+
+def test_autoattack_sub_attacks_each_move_the_bar_even_when_skipped(monkeypatch):
+    # Class 0 when the pixels sum above 2, else class 1 (classes 2 and 3 never win).
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0] * 4, [-1.0] * 4, [0.0] * 4, [0.0] * 4]))
+        model[1].bias.copy_(torch.tensor([-2.0, 2.0, -100.0, -100.0]))
+
+    def fool_everything(x, y):  # projected to x - 0.5: the pixels sum to 1.6, class 1
+        return torch.zeros_like(x)
+
+    def never(x, y):
+        raise AssertionError("no sample left: must not run")
+
+    chain = [("apgd-ce", fool_everything), ("apgd-t", never), ("fab-t", never), ("square", never)]
+    monkeypatch.setattr(attack_scoring, "build_autoattack", lambda *a, **k: chain)
+    steps = []
+    settings = EvaluationSettings(eps=0.5, attacks=["autoattack"])
+    scorer = attack_scoring.AttackScorer(model, settings, on_step=lambda *s: steps.append(s))
+    scorer.add(torch.full((6, 1, 2, 2), 0.9), torch.zeros(6, dtype=torch.long))
+    assert scorer.units_per_batch == 4 and scorer.accuracies() == {"autoattack": 0.0}
+    expected = []
+    for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+        expected += [(name, False), (name, True)]
+    assert steps == expected

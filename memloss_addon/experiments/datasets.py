@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from memloss_addon.data import IndexedDataset
+from memloss_addon.experiments.names import DATASET_NAMES, DatasetName
 
 __all__ = [
     "DATASET_NAMES",
@@ -32,8 +33,6 @@ __all__ = [
     "load_fake_cifar",
 ]
 
-DatasetName = Literal["digits", "fake-cifar", "cifar10", "cifar100", "svhn"]
-DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 _EXAMPLES_HINT = 'pip install "memloss-addon[examples]"'
 

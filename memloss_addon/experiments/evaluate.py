@@ -4,36 +4,30 @@
 state as it found it: every submodule's train/eval flag, every parameter's ``requires_grad``,
 and the global random streams (torch CPU and CUDA, Python ``random``, NumPy) are restored, so an
 evaluation inside a training loop changes neither later shuffling nor augmentation.
+
+Its arguments are checked once by
+:class:`~memloss_addon.experiments.evaluation_settings.EvaluationSettings`, and the accuracies are
+counted by :class:`~memloss_addon.experiments.attack_scoring.AttackScorer`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Iterable, Sequence, Sized
+from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from memloss_addon.experiments.attack_scoring import AttackScorer, split_batch, units_per_batch
 from memloss_addon.experiments.attacks import (
-    AUTOATTACK_NAMES,
     AutoAttackConfig,
     LogitsFn,
-    build_autoattack,
     import_torchattacks,
-    model_logits,
-    pgd_linf,
-    predict_labels,
     preserve_rng_state,
-    run_attack_chain,
 )
+from memloss_addon.experiments.evaluation_settings import AttackName, EvaluationSettings
 from memloss_addon.model_state import frozen_parameters, preserved_training_flags
 
-__all__ = ["AttackName", "evaluate"]
-
-AttackName = Literal["clean", "pgd", "cw", "autoattack"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["evaluate"]
 
 
 def evaluate(
@@ -97,15 +91,19 @@ def evaluate(
         autoattack: AutoAttack iteration counts. (default: None, the reference's counts)
         logits_fn: maps the model's output (tuple, dict, ...) to logits. (default: None)
         seed: seed of all attack randomness. (default: 0)
-        progress: show a tqdm progress bar over batches when tqdm is installed. (default: True)
+        progress: show a tqdm progress bar when tqdm is installed; it advances after each
+            attack on each batch (each AutoAttack sub-attack counts), and names the attack
+            running. (default: True)
 
     Returns:
         ``{name: accuracy}`` for each requested name, in the order given; accuracies are
         fractions in [0, 1] over all samples of the loader.
 
     Raises:
-        ValueError: for an unknown or repeated attack name, a bad ``eps``/step setting, or an
-            empty loader.
+        TypeError: for ``attacks`` given as a string, a setting of the wrong type (e.g. a float
+            ``pgd_steps``), or a batch that is not a tuple ``(x, y, ...)`` of tensors.
+        ValueError: for an unknown or repeated attack name, a bad ``eps``/step setting, an
+            empty loader, or labels that do not match the inputs.
         ImportError: for ``"autoattack"`` when torchattacks is not installed.
 
     Example:
@@ -118,123 +116,61 @@ def evaluate(
         >>> sorted(acc), all(0.0 <= v <= 1.0 for v in acc.values())
         (['clean', 'cw', 'pgd'], True)
     """
-    names = _check_attacks(attacks)
-    if not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if isinstance(pgd_steps, bool) or not isinstance(pgd_steps, int) or pgd_steps < 1:
-        raise ValueError(f"pgd_steps must be a positive int, got {pgd_steps!r}")
-    step_size = 2.5 * eps / pgd_steps if pgd_step_size is None else pgd_step_size
-    if not isinstance(step_size, (int, float)) or not step_size > 0:
-        raise ValueError(f"pgd_step_size must be a positive number, got {pgd_step_size!r}")
-    if "autoattack" in names:
+    settings = EvaluationSettings(
+        eps=eps,
+        attacks=attacks,
+        pgd_steps=pgd_steps,
+        pgd_step_size=pgd_step_size,
+        random_start=random_start,
+        autoattack=autoattack,
+        logits_fn=logits_fn,
+        seed=seed,
+    )
+    if "autoattack" in settings.attacks:
         import_torchattacks()  # fail before any work when the extra is missing
     device = next((p.device for p in model.parameters()), None)
-
-    correct = dict.fromkeys(names, 0)
-    total = 0
-    chain = None
-    generators: dict[str, torch.Generator] = {}
     with preserve_rng_state(), preserved_training_flags(model), frozen_parameters(model):
         model.eval()
-        bar = _progress_bar(loader, enabled=progress)
-        for batch in bar:
-            x, y = _split_batch(batch, device)
-            if not generators:
-                generators = {
-                    "pgd": torch.Generator(device=x.device).manual_seed(seed),
-                    "cw": torch.Generator(device=x.device).manual_seed(seed + 1),
-                }
-            with torch.no_grad():
-                logits = model_logits(model, x, logits_fn)
-            if "clean" in correct:
-                correct["clean"] += int((logits.argmax(dim=1) == y).sum())
-            for loss in ("pgd", "cw"):
-                if loss in correct:
-                    adv = pgd_linf(
-                        model,
-                        x,
-                        y,
-                        eps=eps,
-                        step_size=step_size,
-                        steps=pgd_steps,
-                        loss="ce" if loss == "pgd" else "cw",
-                        random_start=random_start,
-                        generator=generators[loss],
-                        logits_fn=logits_fn,
-                    )
-                    correct[loss] += int((predict_labels(model, adv, logits_fn) == y).sum())
-            if "autoattack" in correct:
-                if x.dim() != 4:
-                    raise ValueError(
-                        "AutoAttack expects image batches of shape (N, C, H, W), got "
-                        f"{tuple(x.shape)}"
-                    )
-                if chain is None:
-                    chain = build_autoattack(
-                        model,
-                        eps=eps,
-                        n_classes=logits.shape[1],
-                        config=autoattack,
-                        seed=seed,
-                        logits_fn=logits_fn,
-                        device=x.device,
-                    )
-                result = run_attack_chain(
-                    model, x, y, [attack for _, attack in chain], eps=eps, logits_fn=logits_fn
-                )
-                correct["autoattack"] += int(result.robust.sum())
-                logger.debug(
-                    "AutoAttack robust counts after clean, %s: %s",
-                    ", ".join(AUTOATTACK_NAMES),
-                    result.remaining,
-                )
-            total += y.shape[0]
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix({name: f"{count / total:.3f}" for name, count in correct.items()})
-    if total == 0:
-        raise ValueError("loader yielded no samples")
-    return {name: count / total for name, count in correct.items()}
+        bar = _progress_bar(loader, settings, enabled=progress)
+        scorer = AttackScorer(model, settings, on_step=None if bar is None else bar.step)
+        try:
+            for batch in loader:
+                scorer.add(*split_batch(batch, device))
+                if bar is not None:
+                    bar.show_accuracies(scorer.running_accuracies())
+        finally:
+            if bar is not None:
+                bar.close()
+    return scorer.accuracies()
 
 
-def _check_attacks(attacks: Sequence[str]) -> list[str]:
-    if isinstance(attacks, str):
-        raise TypeError(f"attacks must be a sequence of names, not the string {attacks!r}")
-    names = list(attacks)
-    allowed = get_args(AttackName)
-    for name in names:
-        if name not in allowed:
-            raise ValueError(f"unknown attack {name!r}; choose from {allowed}")
-    if not names:
-        raise ValueError("attacks must name at least one of " + ", ".join(allowed))
-    if len(set(names)) != len(names):
-        raise ValueError(f"attacks contains a repeated name: {names!r}")
-    return names
+class _AttackBar:
+    """A tqdm bar over (batch, attack) units: it moves after each attack of each batch."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def step(self, name: str, finished: bool) -> None:
+        if finished:
+            self.bar.update(1)
+        else:
+            self.bar.set_description(f"evaluate: {name}", refresh=True)
+
+    def show_accuracies(self, running: dict[str, float]) -> None:
+        self.bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()})
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-def _split_batch(batch: Any, device: torch.device | None) -> tuple[Tensor, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(
-            f"each batch must be a tuple (x, y) or (x, y, ...), got {type(batch).__name__}"
-        )
-    x, y = batch[0], batch[1]
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(
-            f"batch inputs and labels must be tensors, got {type(x).__name__} and "
-            f"{type(y).__name__}"
-        )
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if device is not None:
-        x, y = x.to(device), y.to(device)
-    return x, y.long()
-
-
-def _progress_bar(loader: Iterable[Any], *, enabled: bool) -> Iterable[Any]:
+def _progress_bar(
+    loader: Iterable[Any], settings: EvaluationSettings, *, enabled: bool
+) -> _AttackBar | None:
     if not enabled:
-        return loader
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is an optional extra: evaluate without a bar
-        return loader
-    total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc="evaluate", leave=False)
+        return None
+    total = len(loader) * units_per_batch(settings) if isinstance(loader, Sized) else None
+    return _AttackBar(tqdm(total=total, desc="evaluate", unit="attack", leave=False))

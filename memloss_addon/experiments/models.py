@@ -1,29 +1,59 @@
-"""Small models for the ``memloss`` command: a CNN for 8x8 digits and a narrow ResNet for 32x32.
+"""The ``memloss`` command's models: small ones for CPUs and the paper-scale architectures.
 
-Both use BatchNorm, because how the memory's extra forward pass treats BatchNorm statistics
-(``bn_mode``) is part of what the command lets users compare. Inputs are expected in ``[0, 1]``;
-there is no normalisation layer, so attacks and the memory work in pixel units.
+The small models (an MLP and a CNN for 8x8 digits, a narrow ResNet for 32x32) all use BatchNorm,
+because how the memory's extra forward pass treats BatchNorm statistics (``bn_mode``) is part of
+what the command lets users compare. Inputs are expected in ``[0, 1]``; they have no
+normalisation layer, so attacks and the memory work in pixel units.
+
+The paper-scale architectures (``resnet18``, ``preact-resnet18``, ``wrn-34-10``, ``wrn-28-10``)
+are those of :mod:`~memloss_addon.experiments.architectures`; they normalise their inputs inside
+the model, so attacks and the memory still work in pixel units.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 from torch import nn
 
+from memloss_addon.experiments.architectures import (
+    ARCHITECTURE_NAMES,
+    ArchitectureName,
+    NormalizationSpec,
+    build_architecture,
+    count_parameters,
+)
+from memloss_addon.experiments.names import MODEL_NAMES, ModelName
+
 __all__ = [
+    "ALL_MODEL_NAMES",
     "MODEL_NAMES",
+    "MODEL_REFERENCES",
+    "AnyModelName",
     "ModelName",
     "DigitsCNN",
     "DigitsMLP",
     "SmallResNet",
     "build_model",
     "default_model",
+    "describe_models",
 ]
 
-ModelName = Literal["digits-mlp", "digits-cnn", "small-resnet"]
-MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+AnyModelName = ModelName | ArchitectureName
+"""The small models' names and the paper-scale architectures'."""
+
+ALL_MODEL_NAMES: tuple[str, ...] = tuple(dict.fromkeys((*MODEL_NAMES, *ARCHITECTURE_NAMES)))
+"""Every name :func:`build_model` accepts."""
+
+MODEL_REFERENCES: dict[str, str] = {
+    "digits-mlp": "this library (8x8 digits)",
+    "digits-cnn": "this library (8x8 digits)",
+    "small-resnet": "this library (narrow, for CPUs)",
+    "resnet18": "TRADES 6e8e11b models/resnet.py (= HAT, MART)",
+    "preact-resnet18": "robust_overfitting c47a25c preactresnet.py (= HAT)",
+    "wrn-34-10": "TRADES 6e8e11b models/wideresnet.py, no sub_block1 (= robust_overfitting, HAT)",
+    "wrn-28-10": "HAT 3177a4f core/models/wideresnet.py",
+}
+"""Where each model's definition comes from, for ``memloss models``."""
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -168,26 +198,53 @@ class SmallResNet(nn.Module):
 
 
 def build_model(
-    name: ModelName, *, sample_shape: tuple[int, int, int], num_classes: int
+    name: AnyModelName,
+    *,
+    sample_shape: tuple[int, int, int],
+    num_classes: int,
+    normalization: NormalizationSpec = "cifar10",
+    base_width: int | None = None,
+    widen_factor: int | None = None,
 ) -> nn.Module:
     """Build a model by name.
 
     Args:
-        name: ``"digits-mlp"``, ``"digits-cnn"`` or ``"small-resnet"``.
+        name: One of :data:`ALL_MODEL_NAMES`: ``"digits-mlp"``, ``"digits-cnn"``,
+            ``"small-resnet"``, or a paper-scale architecture (``"resnet18"``,
+            ``"preact-resnet18"``, ``"wrn-34-10"``, ``"wrn-28-10"``).
         sample_shape: Shape ``(C, H, W)`` of one input.
         num_classes: Output classes.
+        normalization: The paper-scale architectures' input normalization (default:
+            ``"cifar10"``; ``None`` or ``"identity"`` for none, as TRADES, MART and HAT train).
+            The small models have none and ignore it.
+        base_width: The ResNets' first-stage width (``None``: 64, the reference's).
+        widen_factor: The WideResNets' width factor (``None``: 10).
 
     Returns:
         A freshly initialised model (draws from the global torch RNG; seed it first).
 
     Raises:
-        ValueError: If ``name`` is unknown.
+        ValueError: If ``name`` is unknown, or a width option does not apply to it.
 
     Example:
         >>> type(build_model("digits-cnn", sample_shape=(1, 8, 8), num_classes=10)).__name__
         'DigitsCNN'
+        >>> build_model("wrn-34-10", sample_shape=(3, 32, 32), num_classes=100,
+        ...             widen_factor=1).fc.out_features
+        100
     """
     in_channels = sample_shape[0]
+    if name in ARCHITECTURE_NAMES:
+        return build_architecture(
+            name,
+            num_classes=num_classes,
+            normalization=normalization,
+            base_width=base_width,
+            widen_factor=widen_factor,
+            in_channels=in_channels,
+        )
+    if base_width is not None or widen_factor is not None:
+        raise ValueError(f"width options apply to the paper-scale architectures, not to {name!r}")
     if name == "digits-mlp":
         features = 1
         for size in sample_shape:
@@ -197,7 +254,26 @@ def build_model(
         return DigitsCNN(in_channels=in_channels, num_classes=num_classes)
     if name == "small-resnet":
         return SmallResNet(in_channels=in_channels, num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ALL_MODEL_NAMES)}")
+
+
+def describe_models(num_classes: int = 10) -> list[tuple[str, int]]:
+    """Every model's name and parameter count for ``num_classes`` classes.
+
+    The digits models are counted for 1x8x8 inputs, the others for 3x32x32. Models are built on
+    PyTorch's ``meta`` device: nothing is allocated and no random number is drawn.
+
+    Example:
+        >>> dict(describe_models())["wrn-34-10"]
+        46160474
+    """
+    counts = []
+    for name in ALL_MODEL_NAMES:
+        shape = (1, 8, 8) if name.startswith("digits-") else (3, 32, 32)
+        with torch.device("meta"):
+            model = build_model(name, sample_shape=shape, num_classes=num_classes)  # type: ignore[arg-type]
+        counts.append((name, count_parameters(model)))
+    return counts
 
 
 def default_model(sample_shape: tuple[int, int, int]) -> ModelName:

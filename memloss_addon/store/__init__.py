@@ -1,9 +1,31 @@
 """Where the memory lives and how it is encoded: codecs, placements and the slot ring."""
 
-from .codecs import STORAGE_DTYPES, Codec, dtype_name, make_codec
-from .local import FORMAT_VERSION, MemoryRead, MemoryStore, estimate_nbytes
-from .placement import TensorStore, resolve_device
-from .slots import SlotRing
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .codecs import STORAGE_DTYPES, Codec, dtype_name, make_codec
+    from .local import FORMAT_VERSION, MemoryRead, MemoryStore, estimate_nbytes
+    from .placement import TensorStore, resolve_device
+    from .slots import SlotRing
+
+# The names load on first use (as in memloss_addon/__init__.py), so importing a submodule (the
+# patch tool, store.files) does not import torch.
+_EXPORTS = {
+    "STORAGE_DTYPES": ".codecs",
+    "Codec": ".codecs",
+    "dtype_name": ".codecs",
+    "make_codec": ".codecs",
+    "FORMAT_VERSION": ".local",
+    "MemoryRead": ".local",
+    "MemoryStore": ".local",
+    "estimate_nbytes": ".local",
+    "TensorStore": ".placement",
+    "resolve_device": ".placement",
+    "SlotRing": ".slots",
+}
 
 __all__ = [
     "FORMAT_VERSION",
@@ -18,3 +40,15 @@ __all__ = [
     "make_codec",
     "resolve_device",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
