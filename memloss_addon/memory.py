@@ -7,6 +7,7 @@ the MemLoss term against the clean logits, then store this step's adversarial ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import warnings
@@ -36,8 +37,14 @@ from .store.file_format import MemoryFileError, mapped_memory_file, write_memory
 from .store.files import PathLike
 from .store.local import READABLE_FORMAT_VERSIONS, MemoryRead, SeenAtWrite
 from .store.slots import FOOLED_UNKNOWN
+from .store.transfer import to_device
+from .views import crop_flip, uncrop_flip
 
-__all__ = ["MemoryWrapper"]
+__all__ = ["MemoryWrapper", "View"]
+
+View = tuple[torch.Tensor, torch.Tensor]
+"""``(offsets, flips)`` of a batch of crop-and-flip views of padded inputs (see
+:mod:`memloss_addon.views`)."""
 
 _LOSS_SETTINGS = ("beta_prime", "weighting", "detach_weight", "bn_mode")
 
@@ -102,6 +109,12 @@ class MemoryWrapper:
             way round; known for rows stored by calls that passed ``adv_logits``). Costs one
             forward pass of the read rows and one host sync per call. With it, rows are read
             (and classified) also when ``beta_prime`` is 0, which keeps training unchanged.
+        view_padding: align the memory with a crop-and-flip augmentation of inputs padded by
+            this many pixels (as ATTA does): each call passes ``view=(offsets, flips)``, the
+            crop corners in the padded frame and the mirror flags of its batch; perturbations
+            are stored in the padded frame and replayed on the same image pixels under the
+            current view (pixels the stored view did not cover replay the clean input). Needs
+            ``mode="perturbation"`` and a ``(C, H, W)`` sample shape; rows hold the padded frame.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value (the message names it).
@@ -149,6 +162,7 @@ class MemoryWrapper:
         storage_path: str | os.PathLike[str] | None = None,
         replay_fraction: float = 1.0,
         diagnostics: bool = False,
+        view_padding: int | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
@@ -170,6 +184,8 @@ class MemoryWrapper:
                 f"{distributed!r}: the weights that select rows are kept by one process"
             )
         self.replay_fraction = replay_fraction
+        self._sample_shape = sample_shape
+        self.view_padding = view_padding
         if not isinstance(diagnostics, bool):
             raise TypeError(f"diagnostics must be a bool, got {diagnostics!r}")
         self.diagnostics = diagnostics
@@ -183,7 +199,7 @@ class MemoryWrapper:
             distributed=distributed,
             process_group=process_group,
             num_samples=num_samples,
-            sample_shape=sample_shape,
+            sample_shape=self._stored_shape(sample_shape, view_padding, mode),
             depth=depth,
             mode=mode,
             dtype=dtype,
@@ -193,6 +209,7 @@ class MemoryWrapper:
             storage_path=storage_path,
         )
         self._reset_counters()
+        self._counters.counts["calls"] = self.store.step  # a reopened folder's last step
 
     # ------------------------------------------------------------------ configuration
 
@@ -220,7 +237,59 @@ class MemoryWrapper:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return self.store.sample_shape
+        """Shape of one input (a view, with ``view_padding``)."""
+        return self._sample_shape
+
+    @staticmethod
+    def _stored_shape(
+        sample_shape: tuple[int, ...], view_padding: int | None, mode: Mode
+    ) -> tuple[int, ...]:
+        if view_padding is None:
+            return sample_shape
+        padding = positive_int("view_padding", view_padding)
+        if mode != "perturbation":
+            raise ValueError(
+                f"view_padding needs mode='perturbation', got mode={mode!r}: an example stored "
+                "in the padded frame would lack the pixels its view did not cover"
+            )
+        if len(sample_shape) != 3:
+            raise ValueError(f"view_padding needs a (C, H, W) sample_shape, got {sample_shape}")
+        channels, height, width = sample_shape
+        return (channels, height + 2 * padding, width + 2 * padding)
+
+    def _in_stored_frame(
+        self, view: View | None, clean: torch.Tensor, adv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clean`` and ``adv`` as the store keeps them: in the padded frame when aligned."""
+        if self.view_padding is None:
+            if view is not None:
+                raise ValueError("view= needs a memory built with view_padding")
+            return clean, adv
+        if not (isinstance(view, tuple) and len(view) == 2):
+            raise ValueError(
+                f"a memory with view_padding={self.view_padding} needs view=(offsets, flips), "
+                f"got {type(view).__name__}"
+            )
+        offsets, flips = view
+        frame = clean.detach().new_zeros((clean.shape[0], *self.store.sample_shape))
+        return (
+            uncrop_flip(clean.detach(), offsets, flips, into=frame),
+            uncrop_flip(adv.detach(), offsets, flips, into=frame),
+        )
+
+    def _in_view(self, read: MemoryRead, view: View | None) -> MemoryRead:
+        """A read in the padded frame cropped to each row's current view."""
+        if view is None or not read.num_rows:
+            return read
+        offsets, flips = view
+        rows = to_device(read.sample_of_row, offsets.device)
+        examples = crop_flip(
+            read.examples,
+            offsets.index_select(0, rows),
+            flips.index_select(0, rows),
+            (self.sample_shape[1], self.sample_shape[2]),
+        )
+        return dataclasses.replace(read, examples=examples)
 
     @property
     def depth(self) -> int:
@@ -285,6 +354,7 @@ class MemoryWrapper:
         *,
         adv_logits: torch.Tensor | None = None,
         write: bool | None = None,
+        view: View | None = None,
     ) -> torch.Tensor:
         """Returns the MemLoss term of the batch, then stores ``adv`` in the memory.
 
@@ -301,6 +371,8 @@ class MemoryWrapper:
                 when the model is in training mode with gradients enabled, outside
                 :meth:`frozen`: a call made while evaluating (a test batch, say) would otherwise
                 overwrite training samples' memory; such a call warns once.
+            view: ``(offsets, flips)``: with ``view_padding``, the ``(B, 2)`` int64 crop corners
+                in the padded frame and ``(B,)`` bool mirror flags of the batch's views.
 
         Returns:
             A 0-dim fp32 tensor. Zero, with no forward pass, when no sample of the batch has a
@@ -316,16 +388,22 @@ class MemoryWrapper:
             index = check_indices(indices, batch_size=clean.shape[0], num_samples=self.num_samples)
             if adv_logits is not None:
                 _check_adv_logits(adv_logits, logits)
+            store_clean, store_adv = self._in_stored_frame(view, clean, adv)
+            writing = self._should_write(write)
         except (TypeError, ValueError, IndexError):
             self.store.abort()  # a distributed store tells the other ranks, which raise too
             raise
         self._warn_if_indices_look_like_labels(index, targets)
-        term = self._term(index, clean, logits, targets)
-        if not self._should_write(write):
+        try:
+            term = self._term(index, store_clean, logits, targets, view)
+        except BaseException:
+            self.store.fail_step(writing)  # a distributed store tells the ranks waiting for it
+            raise
+        if not writing:
             return term
         with torch.no_grad():
             seen = None if adv_logits is None else _seen_at_write(adv_logits, targets)
-            rejected = self.store.write(index, adv, clean, seen=seen)
+            rejected = self.store.write(index, store_adv, store_clean, seen=seen)
         self._count_write(index.shape[0], rejected)
         self._warn_if_samples_are_never_visited()
         return term
@@ -408,12 +486,14 @@ class MemoryWrapper:
         clean: torch.Tensor,
         logits: torch.Tensor,
         targets: torch.Tensor,
+        view: View | None,
     ) -> torch.Tensor:
         self._counters.count(calls=1)
+        self.store.step = self._counters.counts["calls"]  # recorded with this call's changes
         if self._beta_prime == 0.0 and not self.diagnostics:
             return self._zero(logits)
         with torch.no_grad():
-            read = self.store.read(index, clean)
+            read = self._in_view(self.store.read(index, clean), view)
         if self.diagnostics and read.num_rows:
             self._diagnose(read, targets, num_classes=logits.shape[1])
         if self._beta_prime == 0.0:
@@ -524,7 +604,7 @@ class MemoryWrapper:
         return torch.from_numpy(np.sort(chosen))
 
     def recall(
-        self, indices: torch.Tensor, clean: torch.Tensor
+        self, indices: torch.Tensor, clean: torch.Tensor, *, view: View | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's newest stored example, to start this step's attack from.
 
@@ -538,6 +618,7 @@ class MemoryWrapper:
         Args:
             indices: ``(B,)`` dataset indices, as for a call.
             clean: ``(B, *sample_shape)`` clean inputs.
+            view: ``(offsets, flips)`` of the batch's views, with ``view_padding``.
 
         Returns:
             ``(start, found)``: ``(B, *sample_shape)`` on ``clean``'s device and dtype, and
@@ -558,11 +639,15 @@ class MemoryWrapper:
         try:
             _check_clean(clean, self.sample_shape)
             index = check_indices(indices, batch_size=clean.shape[0], num_samples=self.num_samples)
+            store_clean, _ = self._in_stored_frame(view, clean, clean)
         except (TypeError, ValueError, IndexError):
             self.store.abort()
             raise
         with torch.no_grad():
-            start, found = self.store.recall(index, clean)
+            start, found = self.store.recall(index, store_clean)
+            if view is not None:
+                size = (self.sample_shape[1], self.sample_shape[2])
+                start = crop_flip(start, view[0], view[1], size)
             if self.mode == "example" and self.eps is not None:
                 start = project_linf(start, clean.detach(), self.eps)
         return start, found.to(clean.device)
@@ -676,6 +761,7 @@ class MemoryWrapper:
         """The configuration recorded in :meth:`state_dict`."""
         return {
             **self.store.config(),
+            "view_padding": self.view_padding,
             "beta_prime": self._beta_prime,
             "weighting": self.weighting,
             "detach_weight": self.detach_weight,
@@ -720,7 +806,8 @@ class MemoryWrapper:
         if not isinstance(config, dict):
             raise ValueError("memory state has no 'config' dict")
         mine = self.config()
-        keys = list(self.store.config()) + (list(_LOSS_SETTINGS) if strict else [])
+        layout = [*self.store.config(), "view_padding"]
+        keys = layout + (list(_LOSS_SETTINGS) if strict else [])
         mismatched = {k: (config.get(k), mine[k]) for k in keys if config.get(k) != mine[k]}
         if mismatched:
             details = ", ".join(
@@ -728,9 +815,62 @@ class MemoryWrapper:
             )
             raise ValueError(f"memory state does not match this memory's configuration ({details})")
         counters = Counters.check_state(state_dict.get("counters"))
-        self.store.load_state(state_dict)
+        previous, self.store.step = self.store.step, int(counters["calls"])
+        try:
+            self.store.load_state(state_dict)
+        except BaseException:
+            self.store.step = previous
+            raise
         self._reset_counters()
         self._counters = Counters.from_state(counters)
+        self._window_start = self._counters.copy()
+
+    @property
+    def step(self) -> int:
+        """The memory's step: its calls so far (``stats()["calls"]``, saved in :meth:`state_dict`
+        and memory files). A disk-backed memory records it with each write; reopened, it
+        continues from the step of its last change."""
+        return self.store.step
+
+    def mark_checkpoint(self) -> int:
+        """Marks the memory's current step as one a resumed run may return to; returns the step.
+
+        Call it right after each checkpoint of the training is safely written (the checkpoint
+        records :attr:`step`). A disk-backed memory then flushes its folder to the disk and, from
+        now on, keeps in its undo log whatever each step overwrites (the old rows and
+        bookkeeping), so that after a crash :meth:`rollback_to` returns it bit-identically to any
+        step since this mark. The log grows by the rows overwritten since the mark (up to the
+        rows written in one checkpoint interval, on the same disk) and each mark starts it
+        afresh. A memory in RAM only returns its step: save it with the checkpoint instead.
+
+        Example:
+            >>> memory = MemoryWrapper(nn.Linear(2, 2), num_samples=4, sample_shape=(2,))
+            >>> memory.mark_checkpoint()
+            0
+        """
+        return self.store.mark()
+
+    def rollback_to(self, step: int) -> None:
+        """Returns a disk-backed memory to what it was at ``step`` (bit-identical), to resume a
+        run from a checkpoint of that step.
+
+        A reopened folder whose memory is ahead of its last mark warns with the number of steps.
+        Any step from the last :meth:`mark_checkpoint` on can be restored; without a mark, the
+        memory can step back over its last write only. On a distributed memory, call it on every
+        rank with the same step.
+
+        Args:
+            step: the step of the checkpoint being resumed (:attr:`step` when it was written).
+
+        Raises:
+            ValueError: a memory in RAM (load the state saved with the checkpoint instead), a step
+                after the memory's, or one before the oldest step it can restore. Nothing is
+                changed.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError(f"step must be an int >= 0, got {step!r}")
+        self.store.rollback_to(step)
+        self._counters.counts["calls"] = step
         self._window_start = self._counters.copy()
 
     def __repr__(self) -> str:

@@ -70,6 +70,7 @@ def test_state_dict_holds_no_model_and_records_the_configuration():
         "mode": "example",
         "dtype": "uint8",
         "eps": 0.1,
+        "view_padding": None,
         "beta_prime": 2.0,
         "weighting": "difficulty",
         "detach_weight": True,
