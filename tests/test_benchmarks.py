@@ -194,3 +194,19 @@ def test_buffer_overhead_free_model_costs_nothing(monkeypatch):
     assert logits.shape == (4, buffer_overhead.NUM_CLASSES)
     assert logits.data_ptr() == x.data_ptr()  # a view: no copy, no arithmetic
     assert torch.equal(logits, x.reshape(4, -1)[:, : buffer_overhead.NUM_CLASSES])
+
+
+def test_alignment_smoke_reports_paired_differences_of_its_runs(tmp_path):
+    run_script("alignment.py", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "alignment.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in result["runs"]}
+    assert sorted(arm for arm, _ in runs) == sorted(["TRADES", "+MemLoss", "+MemLoss, aligned"])
+    for name, metrics in result["paired"].items():
+        arm, reference = name.split(" - ")
+        for metric, entry in metrics.items():
+            diff = runs[(arm, 0)][metric] - runs[(reference, 0)][metric]
+            assert entry["differences"] == [pytest.approx(diff)] and entry["std"] is None
+    # One epoch: the memory is empty throughout, so every arm trains the same model.
+    assert len({(r["clean"], r["pgd20"]) for r in result["runs"]}) == 1
+    lines = (tmp_path / "alignment_runs.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # written as the runs finished
