@@ -4,7 +4,7 @@ A patched repository computes its own loss, and the patch adds two calls: ``meml
 logits)`` where the loss function has its adversarial examples and clean logits, and ``loss = loss
 + memloss.term(model, idx, x, y)`` in the loop. Here the repository's loss is played by the
 matching reference objective of ``memloss_addon.objectives`` (TRADES, MART, HAT, Squeeze
-Training), and the patched loss is checked against the MemLoss formula written out in the test.
+Training), and the patched loss is checked against the MemLoss formula written out in tests.helpers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from memloss_addon.integrations.hook import HookSettings, TrainingHook, keep_cuda_calls_on_cpu
 from memloss_addon.objectives import hat, mart, squeeze, trades
+from tests.helpers import term_by_hand
 
 ATTACK = {"eps": 8 / 255, "step_size": 2 / 255, "steps": 2}
 NUM_SAMPLES, BATCH, FEATURES, CLASSES = 6, 3, 4, 3
@@ -56,15 +57,13 @@ def make_loader(*, shuffle: bool = True) -> DataLoader:
 
 
 def expected_term(model, x, y, memory_rows, beta_prime):
-    """beta' / B * sum_i (1 - p_y(m_i)) * KL(p(x_i) || p(m_i)), one sample at a time."""
-    total = torch.zeros(())
-    for i in range(len(x)):
-        log_p = torch.log_softmax(model(x[i : i + 1])[0], dim=0)
-        log_q = torch.log_softmax(model(memory_rows[i : i + 1])[0], dim=0)
-        kl = sum(log_p[c].exp() * (log_p[c] - log_q[c]) for c in range(CLASSES))
-        weight = 1.0 - log_q[y[i]].exp().detach()  # the weight carries no gradient by default
-        total = total + weight * kl
-    return beta_prime * total / len(x)
+    """beta' / B * sum_i (1 - p_y(m_i)) * KL(p(x_i) || p(m_i)), one sample at a time.
+
+    The weight carries no gradient (the default); the term keeps the graph, in float32.
+    """
+    clean_logits = [model(x[i : i + 1])[0] for i in range(len(x))]
+    memory_logits = [[model(memory_rows[i : i + 1])[0]] for i in range(len(x))]
+    return term_by_hand(clean_logits, memory_logits, y, beta_prime=beta_prime).float()
 
 
 def patched_step(hook, objective, model, x, y, idx):

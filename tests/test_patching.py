@@ -6,6 +6,7 @@ Every repository here is a few small files written by the test; no upstream code
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import stat
@@ -24,7 +25,7 @@ from memloss_addon.experiments.patching import (
     main,
     revert_patch,
 )
-from memloss_addon.integrations.specs import PATCHES, SHIM_PATH, Edit, RepoPatch
+from memloss_addon.integrations.specs import LINE_BUDGET, PATCHES, SHIM_PATH, Edit, RepoPatch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -320,29 +321,80 @@ def test_module_runs_as_a_script(tmp_path):
         check=False,
     )
     assert completed.returncode == 2
-    assert "missing train_wideresnet.py, mart.py" in completed.stderr
+    assert "missing train_wideresnet.py, train_resnet.py, mart.py" in completed.stderr
 
 
 # ---------------------------------------------------------------- the shipped patches
 
 
-def test_shipped_patches_are_the_four_targets_within_the_line_budget():
-    assert sorted(PATCHES) == ["hat", "mart", "st", "trades"]
+# Each shipped patch's scripts, as the issue that asked for them names them.
+SHIPPED_SCRIPTS = {
+    "trades": ["train_trades_cifar10.py"],
+    "mart": ["train_wideresnet.py", "train_resnet.py"],
+    "hat": ["train.py", "train-wa.py"],
+    "st": ["train_stat.py"],
+    "robust-overfitting": ["train_cifar.py", "train_svhn.py", "train_cifar100.py"],
+    "awp": ["AT_AWP/train_cifar10.py", "trades_AWP/train_trades_cifar.py"],
+}
+
+
+def test_shipped_patches_cover_their_scripts_within_the_line_budget():
+    assert sorted(PATCHES) == sorted(SHIPPED_SCRIPTS)
     for patch in PATCHES.values():
-        assert patch.changed_lines <= 15, patch.name
+        by_script = patch.changed_lines_by_script()
+        assert list(by_script) == SHIPPED_SCRIPTS[patch.name]
+        for script, lines in by_script.items():
+            assert 0 < lines <= LINE_BUDGET, (patch.name, script, lines)
+            assert patch.scripts[script][0] == script  # the script itself comes first
         assert set(patch.edited_files) <= set(patch.required_files), patch.name
         assert re.fullmatch(r"[0-9a-f]{40}", patch.commit)
+
+
+def test_script_line_counts_are_the_edits_on_each_path():
+    # robust-overfitting: one file per script; hat: train-wa.py runs through both loss files.
+    patch = PATCHES["robust-overfitting"]
+    for script, files in patch.scripts.items():
+        assert files == (script,)
+        expected = sum(edit.changed_lines for edit in patch.edits if edit.path == script)
+        assert patch.changed_lines_by_script()[script] == expected
+    hat = PATCHES["hat"]
+    assert set(hat.scripts["train-wa.py"]) == {
+        "train-wa.py",
+        "core/utils/hat.py",
+        "gowal21uncovering/utils/hat.py",
+    }
+    assert sum(hat.changed_lines_by_script().values()) > hat.changed_lines  # shared file
+
+
+def test_scripts_must_name_exactly_the_edited_files():
+    edits = (Edit("a.py", ("x",), "insert_after", ("y",)), Edit("b.py", ("x",), "replace", ("y",)))
+    with pytest.raises(ValueError, match="lists files no edit touches: c.py"):
+        RepoPatch("p", "o/p", "0" * 40, ("a.py",), edits, scripts={"a.py": ("a.py", "c.py")})
+    with pytest.raises(ValueError, match="edited files on no script's path: b.py"):
+        RepoPatch("p", "o/p", "0" * 40, ("a.py",), edits, scripts={"a.py": ("a.py",)})
+    one = RepoPatch("p", "o/p", "0" * 40, ("a.py",), edits)
+    assert one.changed_lines_by_script() == {"a.py": 3}
 
 
 def test_shipped_shims_compile_and_name_real_hook_objects():
     from memloss_addon.integrations import hook
 
     for patch in PATCHES.values():
-        source = patch.new_files[SHIM_PATH]
-        compile(source, SHIM_PATH, "exec")
-        names = re.search(r"from memloss_addon\.integrations\.hook import (.+)", source).group(1)
-        for name in names.split(", "):
-            assert hasattr(hook, name), (patch.name, name)
+        assert patch.new_files, patch.name
+        for path, source in patch.new_files.items():
+            assert path.rsplit("/", 1)[-1] == SHIM_PATH
+            compile(source, path, "exec")
+            names = re.search(r"from memloss_addon\.integrations\.hook import (.+)", source)
+            for name in names.group(1).split(", "):
+                assert hasattr(hook, name), (patch.name, name)
+
+
+def test_every_script_folder_has_a_shim():
+    """A script imports ``memloss_shim`` from its own folder (the first entry of sys.path)."""
+    for patch in PATCHES.values():
+        folders = {path.rpartition("/")[0] for path in patch.new_files}
+        for script in patch.scripts:
+            assert script.rpartition("/")[0] in folders, (patch.name, script)
 
 
 def test_shipped_patches_call_only_what_the_hook_provides():
@@ -387,5 +439,96 @@ def test_rendered_patch_file_matches_the_spec(name):
         ]
         assert sorted(added.pop(path)) == sorted(expected_added), path
         assert sorted(removed.pop(path, [])) == sorted(expected_removed), path
-    assert "\n".join(added.pop(SHIM_PATH)) + "\n" == patch.new_files[SHIM_PATH]
+    for path, text in patch.new_files.items():
+        assert "\n".join(added.pop(path)) + "\n" == text, path
     assert added == {} and removed == {}
+
+
+# ---------------------------------------------------------------- the shipped specs on stand-ins
+
+
+def anchor_repo(root: Path, patch: RepoPatch) -> Path:
+    """Writes files that hold each anchor of ``patch`` (as often as expected) between fillers.
+
+    Only the anchor lines of the spec are written: the test carries no upstream code.
+    """
+    for path in patch.required_files:
+        lines = []
+        for edit in patch.edits:
+            if edit.path == path:
+                for _ in range(edit.count):
+                    lines += ["# filler", *edit.anchor]
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("\n".join([*lines, "# end"]) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_shipped_spec_applies_to_its_anchors_and_reverts_exactly(tmp_path, name):
+    patch = PATCHES[name]
+    root = anchor_repo(tmp_path / name, patch)
+    original = snapshot(root)
+    result = apply_patch(name, root)
+    assert result.outcome == "applied"
+    for path in patch.edited_files:
+        text = (root / path).read_text().splitlines()
+        for edit in patch.edits:
+            if edit.path == path:
+                for line in edit.lines:
+                    assert text.count(line) >= edit.count, (path, line)
+                if edit.action == "replace":
+                    assert not set(edit.anchor) & set(text) - set(edit.lines), (path, edit.anchor)
+    for path, content in patch.new_files.items():
+        assert (root / path).read_text() == content
+    # Upstream lines changed, counted in the files (added plus removed lines of a plain diff).
+    changed = 0
+    for path in patch.edited_files:
+        before, after = (
+            original[path][0].decode().splitlines(),
+            (root / path).read_text().splitlines(),
+        )
+        diff = difflib.unified_diff(before, after, n=0, lineterm="")
+        changed += sum(1 for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+    assert changed == patch.changed_lines
+    assert apply_patch(name, root).outcome == "already-applied"
+    assert revert_patch(name, root).outcome == "reverted"
+    assert snapshot(root) == original
+
+
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_shipped_spec_refuses_a_missing_or_repeated_anchor_by_name(tmp_path, name):
+    patch = PATCHES[name]
+    for number, edit in enumerate(patch.edits):
+        for change in ("missing", "repeated"):
+            root = anchor_repo(tmp_path / f"{name}-{number}-{change}", patch)
+            path = root / edit.path
+            text = path.read_text()
+            block = "\n".join(edit.anchor) + "\n"
+            if change == "missing":
+                text = text.replace(block, "# gone\n")
+                found = 0
+            else:
+                text = text + block
+                found = edit.count + 1
+            path.write_text(text)
+            before = snapshot(root)
+            with pytest.raises(PatchError) as error:
+                apply_patch(name, root)
+            message = str(error.value)
+            assert f"{edit.path}: expected {edit.count} occurrence(s)" in message, message
+            assert f"found {found}" in message and edit.anchor[-1].strip() in message
+            assert patch.repository in message and "Nothing was changed" in message
+            assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_shipped_spec_refuses_a_checkout_without_its_scripts(tmp_path, name):
+    patch = PATCHES[name]
+    root = anchor_repo(tmp_path / name, patch)
+    script = next(iter(patch.scripts))
+    (root / script).unlink()
+    before = snapshot(root)
+    with pytest.raises(PatchError, match=f"missing {re.escape(script)}"):
+        apply_patch(name, root)
+    assert snapshot(root) == before

@@ -1,10 +1,13 @@
-"""Writes a small random stand-in for CIFAR-10 in torchvision's on-disk format.
+"""Writes a small random stand-in for CIFAR-10 (or CIFAR-100, SVHN) in torchvision's format.
 
 The verification runs only need data of the right shape and format; their point is to compare
 a patched and an unpatched training run on the same inputs, not to learn anything.
 
-Usage: python make_fake_cifar10.py ROOT [--train 200] [--test 100] [--seed 0]
-writes ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}.
+Usage: python make_fake_cifar10.py ROOT [--train 200] [--test 100] [--seed 0] [--format NAME]
+writes, by format:
+- cifar10 (default): ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta};
+- cifar100: ROOT/cifar-100-python/{train,test,meta};
+- svhn: ROOT/{train_32x32.mat,test_32x32.mat} (needs scipy).
 """
 
 from __future__ import annotations
@@ -56,6 +59,47 @@ def write_fake_cifar10(root: Path, *, train: int, test: int, seed: int) -> Path:
     return folder
 
 
+def write_fake_cifar100(root: Path, *, train: int, test: int, seed: int) -> Path:
+    """Writes the CIFAR-100 stand-in and returns its folder (``root / "cifar-100-python"``)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def split(count: int, name: str) -> dict:
+        fine = rng.integers(0, 100, size=count)
+        return {
+            "batch_label": name,
+            "data": rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8),
+            "fine_labels": fine.tolist(),
+            "coarse_labels": (fine // 5).tolist(),
+            "filenames": [f"{name}_{i}.png" for i in range(count)],
+        }
+
+    _dump(folder / "train", split(train, "training batch 1 of 1"))
+    _dump(folder / "test", split(test, "testing batch 1 of 1"))
+    _dump(
+        folder / "meta",
+        {
+            "fine_label_names": [f"class_{i}" for i in range(100)],
+            "coarse_label_names": [f"superclass_{i}" for i in range(20)],
+        },
+    )
+    return folder
+
+
+def write_fake_svhn(root: Path, *, train: int, test: int, seed: int) -> Path:
+    """Writes the SVHN stand-in (``.mat`` files, labels 1..10 as in the real ones); returns root."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train", train), ("test", test)):
+        images = rng.integers(0, 256, size=(32, 32, 3, count), dtype=np.uint8)
+        labels = rng.integers(1, 11, size=(count, 1)).astype(np.uint8)
+        savemat(root / f"{name}_32x32.mat", {"X": images, "y": labels})
+    return root
+
+
 def _dump(path: Path, obj: dict) -> None:
     with path.open("wb") as stream:
         pickle.dump(obj, stream, protocol=2)
@@ -67,8 +111,14 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=200)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=("cifar10", "cifar100", "svhn"), default="cifar10")
     args = parser.parse_args()
-    folder = write_fake_cifar10(args.root, train=args.train, test=args.test, seed=args.seed)
+    write = {
+        "cifar10": write_fake_cifar10,
+        "cifar100": write_fake_cifar100,
+        "svhn": write_fake_svhn,
+    }[args.format]
+    folder = write(args.root, train=args.train, test=args.test, seed=args.seed)
     print(f"wrote {folder}")
 
 

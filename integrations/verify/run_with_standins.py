@@ -2,17 +2,22 @@
 
 Only what the machine lacks is replaced, the same way for the patched and the unpatched run:
 
-- ``--fake-data``: torchvision's CIFAR-10 integrity check accepts the stand-in written by
-  ``make_fake_cifar10.py`` (its files cannot match the real checksums, and there is no network);
-- ``--tiny-model REPO``: the repository's model (a WideResNet or ResNet-18, far too slow for a
-  shared CPU) is swapped for a small convolutional network with BatchNorm;
+- ``--fake-data``: torchvision's CIFAR-10/100 and SVHN integrity checks accept the stand-ins
+  written by ``make_fake_cifar10.py`` (their files cannot match the real checksums, and there is
+  no network);
+- ``--tiny-model REPO``: the repository's model (a WideResNet, ResNet-18 or PreAct ResNet-18, far
+  too slow for a shared CPU) is swapped for a small convolutional network with BatchNorm;
 - ``--cuda-to-cpu``: for the *unpatched* scripts only, ``.cuda()`` and ``.to("cuda")`` stay on the
   CPU (the patched scripts run on the CPU without it);
 - ``--pandas-append``: ``DataFrame.append`` (removed in pandas 2, used by HAT) as ``pd.concat``;
 - ``--stub MODULE``: an importable placeholder for a package the training path never uses
   (HAT imports ``robustness`` for ImageNet-100 and ``autoattack`` for APGD at start-up);
 - ``--stop-after-epochs N``: ends the run after N epochs, for scripts whose epoch count also
-  selects their learning-rate schedule (ST-AT accepts only 80 or 120).
+  selects their learning-rate schedule (ST-AT accepts only 80 or 120);
+- ``--progress-bar``: a stand-in for the ``progress`` package's ``Bar`` (used by AWP's TRADES
+  script) that prints each step's suffix (its running loss) on a line of its own;
+- ``--accuracy-reshape``: AWP's TRADES script's ``utils.accuracy`` with ``.reshape(-1)`` where it
+  calls ``.view(-1)`` on a non-contiguous tensor, which current PyTorch refuses (same values).
 
 Usage: python run_with_standins.py [options] -- SCRIPT [SCRIPT ARGS...]
 (run from the repository checkout; SCRIPT's folder goes first on ``sys.path``).
@@ -64,16 +69,22 @@ def _tiny_hat(name: str, normalize: bool, info: dict, device: torch.device) -> T
 # module, attribute, replacement: read by the scripts' ``from ... import *`` / ``import``.
 _MODEL_SWAPS = {
     "trades": [("models.wideresnet", "WideResNet", _tiny)],
-    "mart": [("wideresnet", "WideResNet", _tiny)],
+    "mart": [("wideresnet", "WideResNet", _tiny), ("resnet", "ResNet18", _tiny)],
     "st": [("models.resnet", "ResNet18", _tiny)],
     "hat": [("core.models", "create_model", _tiny_hat)],
+    # robust_overfitting and AWP's AT script (run from AT_AWP/): the PreAct ResNet-18.
+    "preact": [("preactresnet", "PreActResNet18", _tiny)],
+    # AWP's TRADES script (run from trades_AWP/): models.WideResNet34 by its --arch default.
+    "awp-trades": [("models", "WideResNet34", _tiny)],
 }
 
 
-def _accept_fake_cifar10() -> None:
-    from torchvision.datasets import cifar
+def _accept_fake_data() -> None:
+    from torchvision.datasets import cifar, svhn, utils
 
-    cifar.check_integrity = lambda *args, **kwargs: True
+    # SVHN's download() goes through download_url, which checks the file in datasets.utils.
+    for module in (cifar, svhn, utils):
+        module.check_integrity = lambda *args, **kwargs: True  # type: ignore[attr-defined]
 
 
 def _swap_models(repo: str) -> None:
@@ -130,6 +141,41 @@ def _stub(module_name: str) -> None:
     sys.modules[module_name].__getattr__ = lambda attribute: Unavailable  # type: ignore[attr-defined]
 
 
+def _progress_bar() -> None:
+    class Bar:
+        """Prints ``message suffix`` at every ``next()``; times are left out (constant)."""
+
+        elapsed_td = eta_td = "-"
+
+        def __init__(self, message: str = "", max: int = 100, **_: Any) -> None:
+            self.message, self.max, self.index, self.suffix = message, max, 0, ""
+
+        def next(self) -> None:
+            self.index += 1
+            print(f"{self.message} {self.suffix}", flush=True)
+
+        def finish(self) -> None:
+            pass
+
+    package = sys.modules.setdefault("progress", types.ModuleType("progress"))
+    module = types.ModuleType("progress.bar")
+    module.Bar = Bar  # type: ignore[attr-defined]
+    package.bar = module  # type: ignore[attr-defined]
+    sys.modules["progress.bar"] = module
+
+
+def _accuracy_reshape() -> None:
+    utils = importlib.import_module("utils")
+
+    def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple = (1,)) -> list:
+        _, pred = output.topk(max(topk), 1, True, True)
+        pred = pred.t()
+        correct = pred.eq(target.view(1, -1).expand_as(pred))
+        return [correct[:k].reshape(-1).float().sum(0).mul_(100.0 / target.size(0)) for k in topk]
+
+    utils.accuracy = accuracy
+
+
 def _stop_after(epochs: int, module_name: str, function_name: str) -> None:
     module = importlib.import_module(module_name)
     original = getattr(module, function_name)
@@ -156,6 +202,8 @@ def main() -> None:
         default=None,
         help="ST-AT only: stop when adjust_learning_rate sees a later epoch",
     )
+    parser.add_argument("--progress-bar", action="store_true")
+    parser.add_argument("--accuracy-reshape", action="store_true")
     parser.add_argument("script")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -163,13 +211,17 @@ def main() -> None:
     script = os.path.abspath(args.script)
     sys.path.insert(0, os.path.dirname(script))
     if args.fake_data:
-        _accept_fake_cifar10()
+        _accept_fake_data()
     if args.cuda_to_cpu:
         _cuda_to_cpu()
     if args.pandas_append:
         _pandas_append()
     for module_name in args.stub:
         _stub(module_name)
+    if args.progress_bar:
+        _progress_bar()
+    if args.accuracy_reshape:
+        _accuracy_reshape()
     if args.tiny_model:
         _swap_models(args.tiny_model)
     if args.stop_after_epochs is not None:

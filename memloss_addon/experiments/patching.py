@@ -374,7 +374,8 @@ def add_patch_subcommand(subparsers: argparse._SubParsersAction) -> None:
     """
     command = subparsers.add_parser(
         "patch",
-        help="add MemLoss to a checkout of TRADES, MART, HAT or Squeeze Training",
+        help="add MemLoss to a checkout of TRADES, MART, HAT, Squeeze Training, "
+        "robust_overfitting (PGD-AT) or AWP",
         description="Apply (or revert) an integration patch to a repository checkout.",
     )
     _add_patch_arguments(command)

@@ -1,8 +1,8 @@
 """Support for patching public adversarial-training repositories with MemLoss.
 
-``specs`` holds the patches (anchored edits plus one new file), ``hook`` the runtime object the
-patched lines call. Apply a patch with ``memloss patch <name> PATH`` (see
-:mod:`memloss_addon.experiments.patching`).
+``specs`` holds the patches (anchored edits plus the shim files of ours; one patch per repository,
+covering one or more training scripts), ``hook`` the runtime object the patched lines call. Apply
+a patch with ``memloss patch <name> PATH`` (see :mod:`memloss_addon.experiments.patching`).
 """
 
 from __future__ import annotations

@@ -6,11 +6,16 @@ A patched repository keeps its own loop, attack and loss. The few lines the patc
 - ``memloss.add_arguments(parser)`` adds ``--beta-prime``, ``--mem-depth``, ``--mem-dtype``,
   ``--mem-weighting`` and a few more flags, and remembers their parsed values;
 - ``memloss.indexed(loader)`` returns a loader over the same data, in the same order and with the
-  same random stream, whose batches also carry dataset indices;
+  same random stream, whose batches also carry dataset indices; ``memloss.tracked(loader)`` is the
+  same loader with batches left as they were, the hook keeping each batch's indices aside;
 - ``memloss.record(adv, logits)`` is called inside the repository's loss function, where its own
   adversarial examples and clean logits are;
 - ``memloss.term(model, idx, x, y)`` returns the MemLoss term for the recorded step (the memory is
-  built on first use, sized from the loader and the batch);
+  built on first use, sized from the loader and the batch); ``adv=`` and ``logits=`` pass the step's
+  tensors directly, and without clean logits (PGD-AT) the hook computes them only when the term
+  needs them;
+- ``memloss.attack_init(x, start, eps)`` (``--mem-attack-init``) starts the repository's attack
+  from each sample's stored example where it has one;
 - ``memloss.save(path, epoch=...)`` / ``memloss.resume(path)`` keep the memory next to the model's
   checkpoints.
 
@@ -24,9 +29,9 @@ import argparse
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +40,7 @@ from torch.utils.data import DataLoader
 from ..checks import check_choice
 from ..data import IndexedDataset
 from ..memory import MemoryWrapper
+from ..model_state import frozen_running_stats
 from ..options import STORAGE_DTYPE_NAMES, WEIGHTINGS, StorageDtypeName, Weighting
 from ..store import STORAGE_DTYPES
 from ..store.files import atomic_write
@@ -46,6 +52,13 @@ _LOG = logging.getLogger(__name__)
 # int8 stores perturbations only, which the patched repositories do not use.
 _DTYPE_CHOICES = tuple(name for name in STORAGE_DTYPE_NAMES if name != "int8")
 _CHECKPOINT_KEY = "memloss_memory"
+
+# Why an option a patch names as unsupported cannot be combined with the memory.
+_UNSUPPORTED_REASONS = {
+    "mixup": "a mixed-up input has no single dataset index or label to keep a memory for",
+    "attack": "the repository trains on clean inputs with it, so there is no adversarial example "
+    "to keep",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +73,8 @@ class HookSettings:
         eps: L-inf radius of the repository's attack, needed by the uint8 store only.
         device: where the memory lives; ``None`` keeps it on the training batch's device.
         resume: a memory checkpoint to load when the memory is built.
+        attack_init: start the repository's attack from each sample's stored example
+            (:meth:`TrainingHook.attack_init`); samples without one keep the repository's start.
 
     Raises:
         ValueError: an unknown ``dtype`` or ``weighting``.
@@ -76,6 +91,7 @@ class HookSettings:
     eps: float | None = None
     device: str | None = None
     resume: str | None = None
+    attack_init: bool = False
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, _DTYPE_CHOICES)
@@ -106,16 +122,25 @@ class TrainingHook:
         self._memory: MemoryWrapper | None = None
         self._num_samples: int | None = None
         self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._indexed_loaders: dict[int, tuple[DataLoader, DataLoader]] = {}
+        self._indexed_loaders: dict[tuple[int, bool], tuple[DataLoader, DataLoader]] = {}
         self._resume_state: Mapping[str, Any] | None = None
+        self._current_idx: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ command line
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(
+        self,
+        parser: argparse.ArgumentParser,
+        *,
+        unsupported: Mapping[str, Sequence[object]] | None = None,
+    ) -> None:
         """Adds the memory flags to ``parser`` and captures their values when it parses.
 
         Args:
             parser: the repository's argument parser, before it parses.
+            unsupported: repository options (by their ``dest``) and the values the memory cannot
+                work with: parsing them exits with an error naming the option, unless the memory
+                is off (``--beta-prime 0`` without ``--mem-attack-init``).
         """
         group = parser.add_argument_group("MemLoss memory")
         group.add_argument(
@@ -156,6 +181,12 @@ class TrainingHook:
         group.add_argument(
             "--mem-resume", default=None, help="memory checkpoint to load when training starts"
         )
+        group.add_argument(
+            "--mem-attack-init",
+            action="store_true",
+            help="start the attack from each sample's stored example (where it has one)",
+        )
+        refused = dict(unsupported or {})
         parse_known_args = parser.parse_known_args
 
         def capture(*args: Any, **kwargs: Any) -> tuple[argparse.Namespace, list[str]]:
@@ -168,7 +199,11 @@ class TrainingHook:
                 eps=namespace.mem_eps,
                 device=namespace.mem_device,
                 resume=namespace.mem_resume,
+                attack_init=namespace.mem_attack_init,
             )
+            problem = _unsupported_option(namespace, refused, self.settings)
+            if problem is not None:
+                parser.error(problem)
             if namespace.mem_resume is not None:
                 self.resume(namespace.mem_resume)
             return namespace, rest
@@ -184,7 +219,9 @@ class TrainingHook:
 
         The new loader shares ``loader``'s batch sampler, so it visits the samples in the same
         order and draws the same random numbers; only the batches gain a third field, the
-        dataset indices. Calling it again with the same loader returns the same object.
+        dataset indices. Calling it again with the same loader returns the same object. The hook
+        also keeps each batch's indices while it is being trained on, for :meth:`attack_init`
+        and for :meth:`term` called without indices.
 
         Args:
             loader: the repository's training loader (map-style dataset).
@@ -192,16 +229,34 @@ class TrainingHook:
         Returns:
             The indexed loader.
         """
+        return self._wrap(loader, keep_indices=True)
+
+    def tracked(self, loader: DataLoader) -> DataLoader:
+        """Like :meth:`indexed`, but the batches stay as ``loader`` makes them.
+
+        For loops whose unpacking a patch would otherwise have to change (a wrapper class that
+        iterates ``loader`` itself, say): each batch's dataset indices are kept by the hook, and
+        :meth:`term` (with ``idx=None``) and :meth:`attack_init` use them.
+
+        Args:
+            loader: the repository's training loader (map-style dataset).
+
+        Returns:
+            A loader with the same batches, order and random stream as ``loader``.
+        """
+        return self._wrap(loader, keep_indices=False)
+
+    def _wrap(self, loader: DataLoader, *, keep_indices: bool) -> DataLoader:
         if not isinstance(loader, DataLoader):
             raise TypeError(f"indexed() needs a torch DataLoader, got {type(loader).__name__}")
-        cached = self._indexed_loaders.get(id(loader))
+        cached = self._indexed_loaders.get((id(loader), keep_indices))
         if cached is not None and cached[0] is loader:
             return cached[1]
         extra: dict[str, Any] = {}
         if loader.num_workers > 0:
             extra["prefetch_factor"] = loader.prefetch_factor
             extra["persistent_workers"] = loader.persistent_workers
-        indexed = DataLoader(
+        indexed = _IndexedLoader(
             IndexedDataset(loader.dataset),
             batch_sampler=loader.batch_sampler,
             num_workers=loader.num_workers,
@@ -213,9 +268,14 @@ class TrainingHook:
             generator=loader.generator,
             **extra,
         )
-        self._indexed_loaders[id(loader)] = (loader, indexed)
+        indexed.memloss_hook = self
+        indexed.memloss_keep_indices = keep_indices
+        self._indexed_loaders[(id(loader), keep_indices)] = (loader, indexed)
         self._num_samples = len(loader.dataset)  # type: ignore[arg-type]  # map-style
         return indexed
+
+    def _set_current(self, idx: torch.Tensor | None) -> None:
+        self._current_idx = idx
 
     # ------------------------------------------------------------------ the term
 
@@ -231,40 +291,148 @@ class TrainingHook:
     def term(
         self,
         model: nn.Module,
-        idx: torch.Tensor,
+        idx: torch.Tensor | None,
         x: torch.Tensor,
         y: torch.Tensor,
         *,
         metrics: dict[str, Any] | None = None,
+        adv: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Returns the MemLoss term of the recorded step and stores its adversarial examples.
+        """Returns the MemLoss term of this step and stores its adversarial examples.
+
+        The step's adversarial examples and clean logits come from :meth:`record`, or from
+        ``adv`` and ``logits``. Given ``adv`` without clean logits (a loss with no clean term,
+        such as PGD-AT's), the hook runs the clean forward pass itself, in the model's current
+        modes with BatchNorm running statistics frozen, and only when the term needs it: never
+        with ``beta_prime=0`` and never for a batch none of whose samples has a stored example.
+
+        The call always stores (``write=True``): it is made in the training step, whatever mode
+        the repository left the model in.
 
         Args:
             model: the model being trained (bound to the memory on the first call).
-            idx: dataset indices of the batch (from :meth:`indexed`).
-            x: the clean batch.
+            idx: dataset indices of the batch (from :meth:`indexed`); ``None`` takes those the
+                loader from :meth:`tracked` or :meth:`indexed` yielded last.
+            x: the clean batch, as the repository's attack sees it (before ``preprocess``).
             y: the labels.
             metrics: a repository's per-batch metrics; its ``"loss"`` entry gains the term.
+            adv: this step's adversarial examples, instead of the recorded ones.
+            logits: the clean logits (with their graph), instead of the recorded ones.
+            preprocess: what the repository applies to an input before the model (its
+                normalisation, say); the memory then runs ``model(preprocess(example))``. Fixed
+                by the first call.
 
         Returns:
             A 0-dim float32 tensor with graph (exactly 0 with ``beta_prime=0`` or an empty memory).
 
         Raises:
-            RuntimeError: the loss function recorded nothing since the last call.
+            RuntimeError: nothing was recorded or passed for this step, or no indices are known.
         """
-        if self._recorded is None:
-            raise RuntimeError(
-                "memloss: no adversarial examples were recorded for this step; the patched loss "
-                "function must call memloss.record(adv, logits) before memloss.term(...)"
-            )
-        adv, logits = self._recorded
+        if adv is None:
+            if self._recorded is None:
+                raise RuntimeError(
+                    "memloss: no adversarial examples were recorded for this step; the patched "
+                    "loss function must call memloss.record(adv, logits) before memloss.term(...)"
+                )
+            adv, recorded_logits = self._recorded
+            logits = recorded_logits if logits is None else logits
         self._recorded = None
+        if idx is None:
+            idx = self._current_idx
+            if idx is None:
+                raise RuntimeError(
+                    "memloss: no dataset indices for this step; iterate the training loader "
+                    "through memloss.tracked(loader) or memloss.indexed(loader)"
+                )
+        self._current_idx = None
         if self._memory is None:
-            self._memory = self._build(model, x)
-        term = self._memory(idx, x, adv, logits, y)
+            self._memory = self._build(self._bound_model(model, preprocess), x)
+        memory = self._memory
+        if logits is None:
+            logits = self._clean_logits(memory, idx, x, y)
+        term = memory(idx, x, adv, logits, y, write=True)
         if metrics is not None and "loss" in metrics:
             metrics["loss"] = metrics["loss"] + term.item()
         return term
+
+    def _bound_model(
+        self, model: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> nn.Module:
+        if preprocess is None:
+            return model
+        return _Preprocessed(model, preprocess)
+
+    def _clean_logits(
+        self, memory: MemoryWrapper, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean logits when the term needs them, else a placeholder the memory never reads.
+
+        The placeholder only carries the batch size, device and (for CPU labels, which the memory
+        range-checks) enough classes; with ``beta_prime=0`` or no stored example in the batch the
+        memory returns an exact zero without reading it.
+        """
+        if memory.beta_prime != 0.0:
+            # The rows recalled here are kept for the call that follows: they are read once.
+            _, found = memory.recall(idx, x)
+            if bool(found.any()):
+                with frozen_running_stats(memory.model):
+                    return memory.model(x)
+        classes = int(y.max()) + 1 if y.device.type == "cpu" and y.numel() else 1
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        return torch.zeros((y.shape[0], classes), dtype=dtype, device=x.device)
+
+    def attack_init(
+        self,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        eps: float,
+        *,
+        norm: Literal["l_inf", "l_2"] = "l_inf",
+        delta: bool = False,
+    ) -> torch.Tensor:
+        """The attack's start: each sample's stored example where it has one, else ``start``.
+
+        Does nothing (returns ``start`` itself) unless ``--mem-attack-init`` is set, the memory
+        exists and the loader from :meth:`tracked` or :meth:`indexed` is in the middle of a
+        training batch of ``x``'s size. A stored example is moved into the ``eps``-ball around
+        the current ``x`` (L-inf: clamped per pixel; L2: rescaled) and into ``[0, 1]``. Draws no
+        random numbers and leaves the memory unchanged.
+
+        Args:
+            x: the clean batch the attack perturbs.
+            start: the repository's own start for it (an input, or a perturbation with
+                ``delta=True``).
+            eps: the attack's radius.
+            norm: the attack's norm.
+            delta: ``start`` (and the result) is a perturbation ``x_adv - x``.
+
+        Returns:
+            A tensor like ``start``.
+        """
+        memory, idx = self._memory, self._current_idx
+        if not self.settings.attack_init or memory is None or idx is None:
+            return start
+        if idx.shape[0] != x.shape[0]:
+            return start
+        with torch.no_grad():
+            recalled, found = memory.recall(idx, x)
+            if not bool(found.any()):
+                return start
+            clean = x.detach()
+            move = recalled.to(clean.dtype) - clean
+            if norm == "l_inf":
+                move = move.clamp(-eps, eps)
+            elif norm == "l_2":
+                move = move.flatten(1).renorm(p=2, dim=0, maxnorm=eps).view_as(move)
+            else:
+                raise ValueError(f"norm must be 'l_inf' or 'l_2', got {norm!r}")
+            chosen = (clean + move).clamp(0, 1)
+            if delta:
+                chosen = chosen - clean
+            mask = found.to(start.device).view(-1, *([1] * (start.dim() - 1)))
+            return torch.where(mask, chosen.to(start.dtype), start.detach())
 
     @property
     def memory(self) -> MemoryWrapper | None:
@@ -342,6 +510,69 @@ class TrainingHook:
             self._memory.load_state_dict(dict(payload[_CHECKPOINT_KEY]))
         else:
             self._resume_state = payload[_CHECKPOINT_KEY]
+
+
+class _IndexedLoader(DataLoader):
+    """A DataLoader over an ``IndexedDataset`` that tells its hook each batch's indices.
+
+    With ``memloss_keep_indices`` false the indices are taken off the batches, which then look
+    exactly like those of the wrapped loader.
+    """
+
+    memloss_hook: TrainingHook
+    memloss_keep_indices: bool
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        hook, keep = self.memloss_hook, self.memloss_keep_indices
+        try:
+            for batch in super().__iter__():
+                if isinstance(batch, Mapping):
+                    hook._set_current(batch["index"])
+                    if not keep:
+                        batch = {key: value for key, value in batch.items() if key != "index"}
+                else:
+                    hook._set_current(batch[-1])
+                    if not keep:
+                        batch = batch[:-1]
+                yield batch
+        finally:
+            hook._set_current(None)  # an evaluation pass after the loop never sees stale indices
+
+
+class _Preprocessed(nn.Module):
+    """``model(preprocess(x))``: what the memory runs when the repository normalises inputs."""
+
+    def __init__(
+        self, model: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.preprocess = preprocess
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(self.preprocess(x))
+
+
+def _unsupported_option(
+    namespace: argparse.Namespace,
+    refused: Mapping[str, Sequence[object]],
+    settings: HookSettings,
+) -> str | None:
+    """The error for the first parsed option the memory cannot work with, if the memory is on."""
+    if settings.beta_prime == 0 and not settings.attack_init:
+        return None
+    for name, values in refused.items():
+        value = getattr(namespace, name, None)
+        if value is None or not any(value == bad for bad in values):
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = flag if value is True else f"{flag} {value}"
+        reason = _UNSUPPORTED_REASONS.get(name, "the patch was not made for it")
+        return (
+            f"memloss: {shown} is not supported with MemLoss ({reason}); train without it, or "
+            "turn the memory off with --beta-prime 0 (and no --mem-attack-init)"
+        )
+    return None
 
 
 def keep_cuda_calls_on_cpu() -> Callable[[], None]:
