@@ -26,6 +26,7 @@ from .version import __version__
 # --help) does not pay for importing torch until something needs it.
 _EXPORTS = {
     "IndexedDataset": ".data",
+    "MemoryAheadWarning": ".store.journal",
     "MemoryFileError": ".store.file_format",
     "MemoryWrapper": ".memory",
     "atomic_write": ".store.files",
@@ -35,6 +36,7 @@ _EXPORTS = {
 
 __all__ = [
     "IndexedDataset",
+    "MemoryAheadWarning",
     "MemoryFileError",
     "MemoryWrapper",
     "__version__",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from .memory import MemoryWrapper
     from .store.file_format import MemoryFileError
     from .store.files import atomic_write
+    from .store.journal import MemoryAheadWarning
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,21 @@ def test_an_unfinished_folder_is_created_afresh(tmp_path):
     memory = MemoryWrapper(mlp(), N, (FEATURES,), storage_path=tmp_path)
     assert memory.stats()["filled_fraction"] == 0.0
     assert not bool(memory.state_dict()["slots"].any())
+
+
+def test_a_folder_of_an_earlier_version_gets_its_checksums_and_journal(tmp_path):
+    memory = MemoryWrapper(mlp(), N, (FEATURES,), depth=2, storage_path=tmp_path)
+    run_epochs(memory, range(2), **EPOCH_DATA)
+    before = memory.state_dict()["slots"].clone()
+    del memory
+    for name in ("checks.bin", "journal.bin", "undo-0.bin", "undo-1.bin"):  # not made before
+        (tmp_path / name).unlink()
+    reopened = MemoryWrapper(mlp(), N, (FEATURES,), depth=2, storage_path=tmp_path)
+    assert torch.equal(reopened.state_dict()["slots"], before)
+    assert reopened.stats()["filled_fraction"] == 1.0
+    by_hand = [zlib.crc32(row.numpy().tobytes()) for row in before.reshape(N * 2, FEATURES)]
+    assert reopened.store.journal.checks.tolist() == by_hand
+    assert all((tmp_path / name).exists() for name in ("journal.bin", "undo-0.bin", "undo-1.bin"))
 
 
 def test_a_truncated_rows_file_is_refused(tmp_path):

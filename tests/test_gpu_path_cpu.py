@@ -298,10 +298,14 @@ def test_every_host_index_copy_of_a_call_goes_through_to_device(monkeypatch):
     call([1, 2])  # nothing stored yet: no read; the rows are written in batch order
     assert recorder.copies == []
     call([2, 1, 2])  # one slot each; sample 2 twice: the last row (position 2) wins
+    # One row per sample in batch order: the term needs no index copy, the write one.
+    assert recorder.copies == [([1, 2], "cpu")]  # the winning rows (sample 1 at 1, 2 at 2)
+    recorder.copies.clear()
+    call([2, 1])  # two slots each: the term gathers its rows; the write is in batch order
     assert recorder.copies == [
-        ([0, 1, 2], "cpu"),  # the term: each row's batch position
-        ([1, 1, 1], "cpu"),  # the term: each sample's filled slots
-        ([1, 2], "cpu"),  # the write: the winning rows (sample 1 at 1, sample 2 at 2)
+        ([0, 0, 1, 1], "cpu"),  # the read: the clean rows its decoding replays on
+        ([0, 0, 1, 1], "cpu"),  # the term: each row's batch position
+        ([2, 2], "cpu"),  # the term: each sample's filled slots
     ]
     recorder.copies.clear()
     call([1, 4])  # sample 1 has two slots, sample 4 none

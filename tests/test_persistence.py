@@ -88,6 +88,7 @@ def test_file_layout_is_the_documented_one(tmp_path):
         "mode": "example",
         "dtype": "float16",
         "eps": 0.25,
+        "view_padding": None,
         "beta_prime": 2.0,
         "weighting": "difficulty",
         "detach_weight": True,
@@ -471,6 +472,42 @@ def test_sigkill_during_save_leaves_a_complete_file(tmp_path, point, expected):
     memory.load(path)
     slots = memory.state_dict()["slots"]
     assert bool((slots == expected).all())
+
+
+def test_the_next_save_removes_the_temporary_file_of_a_killed_save(tmp_path):
+    path = tmp_path / "memory.bin"
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVER, str(path), "mid-payload"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert child.stdout.readline().strip() == "mid-payload"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    [stale] = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert stale.startswith(".memory.bin.")
+    another = tmp_path / ".other.bin.abcd1234.tmp"  # a leftover of saves to another file: kept
+    another.write_bytes(b"not ours")
+    memory = make()
+    run_epochs(memory, range(2), **EPOCH_DATA)
+    memory.save(path)
+    assert sorted(os.listdir(tmp_path)) == [another.name, "memory.bin"]
+    make().load(path)
+
+
+def test_a_save_in_progress_keeps_its_temporary_file(tmp_path):
+    path = tmp_path / "memory.bin"
+    with atomic_write(path) as file:  # a writer still at work holds the lock on its file
+        file.write(b"the first writer's bytes")
+        make().save(path)  # a second writer removes stale files first: not this one
+        assert len([name for name in os.listdir(tmp_path) if name.endswith(".tmp")]) == 1
+    assert path.read_bytes() == b"the first writer's bytes"
+    assert os.listdir(tmp_path) == ["memory.bin"]
 
 
 def peak_rss_growth_of(action) -> int:

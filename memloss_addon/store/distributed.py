@@ -49,17 +49,30 @@ device; a memory on another GPU than its batch, or built with a bare ``"cuda"`` 
 ``torch.cuda.set_device(local_rank)``, raises a ValueError before the call's first collective.
 
 Every rank must make the same calls with the same ``beta_prime`` (a call with ``beta_prime=0``
-skips the read exchange). An exception raised on one rank after the first collective of a call
-(in the model's forward pass, out of memory) is not announced to the others: they wait in the next
-collective until the process group's timeout, or until ``torchrun`` stops them when the failed
-rank exits.
+skips the read exchange). A rank never waits forever:
+
+- an exception on one rank between the read exchange and the write (in the memory forward pass,
+  out of memory, say) or while encoding its rows is announced in the write's gather of flags
+  (4): every other rank raises at once, naming the failed rank and the step, and nothing of the
+  step is stored on any rank (the failing rank re-raises its own exception);
+- a rank that stops taking part otherwise (it died, or raised outside the memory) leaves the
+  others waiting in their next collective for at most the process group's timeout
+  (``init_process_group(timeout=...)``; gloo's default is 30 minutes, NCCL's 10): they then raise
+  a ``RuntimeError`` naming the step, the exchange and the timeout. ``torchrun`` stops them
+  sooner when the failed rank's process exits.
+
+Disk-backed ranks (``storage_path``) keep their folders in ``<storage_path>/rank<r>-of-<n>``.
+The header (1) also carries each rank's count of completed writes: a run stopped mid-step can
+leave the ranks' folders one write apart, and the next call then raises on every rank with each
+rank's step and the ``memory.rollback_to(step)`` that realigns them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +82,9 @@ import torch.distributed as dist
 from . import transfer
 from .local import MemoryRead, MemoryStore, SeenAtWrite, facts_to_host
 from .slots import BOOKKEEPING, FOOLED_UNKNOWN, ReadPlan, WritePlan
+
+# A flag byte with this bit set: the rank raised after the read exchange (see fail_step).
+_FAILED = 8
 
 __all__ = [
     "ReplicatedMemoryStore",
@@ -206,6 +222,30 @@ class _Exchange:
         self.device = self.meta_device = torch.device("cpu")
         self.bytes_last_call = 0
         self.bytes_total = 0
+        self.where = "memory step 0"  # the call being exchanged, for error messages
+
+    def timeout(self) -> str:
+        """The process group's timeout, as text ("unknown" where torch does not tell)."""
+        try:
+            group = self.group or dist.distributed_c10d._get_default_group()
+            backend = group._get_backend(self.meta_device)
+            return f"{backend.options._timeout.total_seconds():g} s"
+        except Exception:  # noqa: BLE001 - private torch API: any failure means unknown
+            return "unknown"
+
+    def _collective(self, what: str, run: Callable[[], object]) -> None:
+        """Runs one collective; a failure (a timeout, a peer gone) names the step and timeout."""
+        try:
+            run()
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise RuntimeError(
+                f"{self.where}: the {what} with the other ranks failed after waiting at most the "
+                f"process group's timeout ({self.timeout()}): a rank did not take part, most "
+                "likely because it raised in this step before reaching it (outside the memory, "
+                "or in a way it could not announce) or its process died. This rank abandons the "
+                f"call; its rows of this step are not stored. ({type(error).__name__}: {first})"
+            ) from error
 
     def use_devices(self, batch: torch.device | None) -> None:
         """Picks this call's devices from the memory's and the batch's (see :func:`exchange_gpu`).
@@ -233,7 +273,10 @@ class _Exchange:
         padded[: values.shape[0]] = values
         padded = transfer.to_device(padded, self.meta_device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded, group=self.group)
+        self._collective(
+            "gather of batch headers, indices or flags",
+            lambda: dist.all_gather(parts, padded, group=self.group),
+        )
         self._received((self.world_size - 1) * padded.nbytes)
         # On a GPU (a pure nccl group) the host waits here: it plans the step with these values.
         return torch.stack(parts).cpu()
@@ -251,12 +294,15 @@ class _Exchange:
         flat = flat.reshape(rows.shape[0], math.prod(row_shape))
         send = flat.view(torch.uint8).reshape(rows.shape[0], row_bytes)
         received = torch.empty((sum(recv_counts), row_bytes), dtype=torch.uint8, device=self.device)
-        dist.all_to_all_single(
-            received,
-            send,
-            output_split_sizes=recv_counts,
-            input_split_sizes=send_counts,
-            group=self.group,
+        self._collective(
+            "exchange of rows",
+            lambda: dist.all_to_all_single(
+                received,
+                send,
+                output_split_sizes=recv_counts,
+                input_split_sizes=send_counts,
+                group=self.group,
+            ),
         )
         self._received(received.nbytes)
         return received.view(dtype).reshape(-1, *row_shape)
@@ -283,6 +329,7 @@ class _DistributedStore(MemoryStore):
         self.exchange.use_devices(None)
         self._step: _GlobalBatch | None = None
         self._recalled: _Fetched | None = None
+        self._in_recall = False
         self._rows_accepted_all = 0
         self._rows_rejected_all = 0
 
@@ -291,9 +338,19 @@ class _DistributedStore(MemoryStore):
     def _gather_batch(self, indices: torch.Tensor, *, ok: bool = True) -> _GlobalBatch | None:
         self.exchange.bytes_last_call = 0
         self._step = None
-        header = torch.tensor([0 if ok else 1, indices.shape[0]], dtype=torch.int64)
+        if not self._in_recall:
+            self.exchange.where = f"memory step {self.step}"
+        # A disk-backed rank also sends its completed writes and its step, in the upper bits of
+        # the two words (a memory in RAM sends 0 there): [failed | (writes + 1) << 1,
+        # batch size | (step + 1) << 32].
+        writes = self.journal.writes if self.journal is not None else -1
+        step = self.journal.header.step if self.journal is not None else -1
+        header = torch.tensor(
+            [(0 if ok else 1) | (writes + 1) << 1, indices.shape[0] | (step + 1) << 32],
+            dtype=torch.int64,
+        )
         headers = self.exchange.gather_padded(header, 2)
-        failed = [rank for rank in range(self.world_size) if int(headers[rank, 0])]
+        failed = [rank for rank in range(self.world_size) if int(headers[rank, 0]) & 1]
         if failed:
             if not ok:
                 return None
@@ -301,7 +358,17 @@ class _DistributedStore(MemoryStore):
                 f"the memory call failed its argument checks on rank(s) {failed}; it is abandoned "
                 "on every rank and the memory is unchanged"
             )
-        sizes = headers[:, 1].tolist()
+        counts = (headers[:, 0] >> 1).tolist()
+        if min(counts) > 0 and len(set(counts)) > 1:
+            steps = ((headers[:, 1] >> 32) - 1).tolist()
+            ranks = ", ".join(f"rank {rank} at step {value}" for rank, value in enumerate(steps))
+            raise RuntimeError(
+                f"the ranks' disk-backed memories are at different points ({ranks}), as a run "
+                "stopped in the middle of a step leaves them. Call "
+                f"memory.rollback_to({min(steps)}) (or your checkpoint's step) on every rank "
+                "before training on; the call is abandoned on every rank"
+            )
+        sizes = (headers[:, 1] & 0xFFFFFFFF).tolist()
         if max(sizes) > 0:
             gathered = self.exchange.gather_padded(indices, max(sizes))
             everyone = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
@@ -325,6 +392,21 @@ class _DistributedStore(MemoryStore):
     def abort(self) -> None:
         """Tells the other ranks that this call failed its argument checks (they raise too)."""
         self._gather_batch(torch.zeros(0, dtype=torch.int64), ok=False)
+
+    def fail_step(self, writing: bool) -> None:
+        """This rank raised after the call's read exchange: tells the other ranks, in the gather
+        of flags they are waiting in, if a write was to follow (they raise at once)."""
+        step, self._step = self._step, None
+        self._recalled = None
+        if step is not None and writing:
+            self._announce_failure(step)
+
+    def _announce_failure(self, step: _GlobalBatch) -> None:
+        if step.max_size == 0:
+            return
+        with contextlib.suppress(RuntimeError):  # the others may be gone: nothing to tell
+            failed = torch.full((step.max_size,), _FAILED, dtype=torch.uint8)
+            self.exchange.gather_padded(failed, step.max_size)
 
     def _use_devices(self, batch: torch.device) -> None:
         """Picks the call's devices before its first collective; a mismatch raises on every rank.
@@ -353,8 +435,12 @@ class _DistributedStore(MemoryStore):
         """
         self._use_devices(clean.device)
         step = self._batch_for_write(indices)
-        encoded, accepted = self.codec.encode(adv, clean)
-        accepted, seen = facts_to_host(accepted, seen)
+        try:  # a failure here (out of memory, say) is announced to the others, which raise
+            encoded, accepted = self.codec.encode(adv, clean)
+            accepted, seen = facts_to_host(accepted, seen)
+        except BaseException:
+            self._announce_failure(step)
+            raise
         everyone, fooled = self._gather_accepted(step, accepted, seen)
         return step, encoded, accepted, fooled, self.ring.plan_write(step.indices, everyone)
 
@@ -369,6 +455,13 @@ class _DistributedStore(MemoryStore):
         if seen is not None:
             flags = flags | (seen.fooled.to(torch.uint8) << 1) | 4
         gathered = self.exchange.gather_padded(flags, step.max_size)
+        failed = [rank for rank in range(self.world_size) if bool((gathered[rank] & _FAILED).any())]
+        if failed:
+            raise RuntimeError(
+                f"{self.exchange.where}: rank(s) {failed} raised in this step after the exchange "
+                "of the batch (in the memory forward pass, out of memory, say); the step is "
+                "abandoned on every rank and none of its rows is stored"
+            )
         flags = torch.cat([gathered[rank, :size] for rank, size in enumerate(step.sizes)])
         everyone = (flags & 1).bool()
         fooled = torch.where(flags & 4 > 0, (flags >> 1) & 1, FOOLED_UNKNOWN).to(torch.uint8)
@@ -401,6 +494,11 @@ class ReplicatedMemoryStore(_DistributedStore):
 
     Takes the arguments of :class:`MemoryStore` plus ``process_group`` (default: the world).
     """
+
+    def _disk_layout(self, folder: str) -> tuple[str, dict[str, Any]]:
+        # Each rank keeps its copy (and its undo journal) in a folder of its own.
+        shard = {"rank": self.rank, "world_size": self.world_size, "replicated": True}
+        return f"{folder}/rank{self.rank}-of-{self.world_size}", {**self.config(), **shard}
 
     def read(self, indices: torch.Tensor, clean: torch.Tensor) -> MemoryRead:
         self._use_devices(clean.device)
@@ -490,7 +588,12 @@ class ShardedMemoryStore(_DistributedStore):
         self, indices: torch.Tensor, clean: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`MemoryStore.recall`; the exchange's rows are kept for the step's read."""
-        fetched = self._fetched_for(indices, clean.device)
+        self.exchange.where = f"memory recall before step {self.step + 1}"
+        self._in_recall = True
+        try:
+            fetched = self._fetched_for(indices, clean.device)
+        finally:
+            self._in_recall = False
         self._recalled = fetched
         stored = fetched.stored if fetched.plan.store_rows.numel() else None
         return self._newest(fetched.plan, stored, clean)

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-__all__ = ["PathLike", "atomic_write", "fsync_path"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: stale temporary files are left alone
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["PathLike", "atomic_write", "fsync_path", "remove_stale_temporaries"]
 
 PathLike = str | os.PathLike[str]
 
@@ -32,6 +38,11 @@ def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
     Use it for checkpoints too: ``torch.save`` writes in place and a kill mid-write leaves a torn
     file.
 
+    A writer that is killed leaves its hidden temporary file ``.<name>.<random>.tmp`` behind; the
+    next ``atomic_write`` to the same path removes such leftovers first (see
+    :func:`remove_stale_temporaries`). Each writer holds an exclusive ``flock`` on its temporary
+    file while it writes, so a live writer's file, even another process's, is never removed.
+
     Args:
         path: the file to create or replace. Its folder must exist.
 
@@ -46,19 +57,79 @@ def atomic_write(path: PathLike) -> Iterator[IO[bytes]]:
     target = os.path.realpath(os.fspath(path))
     folder, name = os.path.split(target)
     mode = _mode_for(target)
+    remove_stale_temporaries(target)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
+        if fcntl is not None:
+            # Held until the file is renamed (or this process dies): a later writer's cleanup
+            # never removes it.
+            fcntl.flock(handle, fcntl.LOCK_EX)
         with os.fdopen(handle, "wb") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
+            if fcntl is not None:
+                os.chmod(temporary, mode)
+                os.replace(temporary, target)
+        if fcntl is None:  # Windows cannot rename an open file
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
     fsync_path(folder)
+
+
+def remove_stale_temporaries(path: PathLike) -> list[str]:
+    """Removes the temporary files that killed :func:`atomic_write` calls to ``path`` left behind.
+
+    A candidate is a file named ``.<name>.<8 random characters>.tmp`` next to ``path``. It is
+    removed only if no process holds its lock: a live writer locks its file for as long as it
+    writes, and the kernel drops the locks of a process that dies. (A writer that another
+    process's cleanup catches in the microseconds between creating and locking its file loses
+    the file and raises ``FileNotFoundError``; ``path`` is then left as it was.) Without
+    ``fcntl`` (not POSIX) nothing is removed. Errors are ignored: this is housekeeping.
+
+    Returns:
+        The paths removed.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> leftover = folder / ".memory.bin.k3j9x_2a.tmp"
+        >>> _ = leftover.write_bytes(b"half a file")  # by a save that was killed
+        >>> [pathlib.Path(p).name for p in remove_stale_temporaries(folder / "memory.bin")]
+        ['.memory.bin.k3j9x_2a.tmp']
+    """
+    if fcntl is None:
+        return []
+    folder, name = os.path.split(os.path.realpath(os.fspath(path)))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    try:
+        entries = os.listdir(folder or ".")
+    except OSError:
+        return []
+    for entry in entries:
+        if not pattern.fullmatch(entry):
+            continue
+        candidate = os.path.join(folder, entry)
+        with contextlib.suppress(OSError):
+            descriptor = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                info = os.fstat(descriptor)
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                # Still the file we locked (not replaced by a new writer's in the meantime).
+                if os.stat(candidate, follow_symlinks=False).st_ino == info.st_ino:
+                    os.unlink(candidate)
+                    removed.append(candidate)
+            finally:
+                os.close(descriptor)
+    return removed
 
 
 def _mode_for(target: str) -> int:

@@ -18,6 +18,7 @@ from ..options import Mode
 from . import transfer
 from .codecs import dtype_name, make_codec
 from .disk import open_disk_memory
+from .journal import Journal
 from .placement import PendingRead, TensorStore
 from .slots import ReadPlan, SlotRing
 
@@ -188,6 +189,8 @@ class MemoryStore:
         self.storage_path = None if storage_path is None else os.fspath(storage_path)
         self._prefetched: _Prefetch | None = None
         self._last_device: torch.device | None = None
+        self.journal: Journal | None = None  # a disk-backed memory's undo journal
+        self._call_step = 0
         if storage_path is None:
             self.ring = SlotRing(num_samples=num_samples, depth=depth)
             self.rows = TensorStore(
@@ -206,7 +209,7 @@ class MemoryStore:
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA, which is not available")
         folder, layout = self._disk_layout(os.fspath(storage_path))
-        self.rows, self.ring = open_disk_memory(
+        self.rows, self.ring, self.journal = open_disk_memory(
             folder,
             layout=layout,
             num_samples=num_samples,
@@ -216,6 +219,39 @@ class MemoryStore:
             staging=torch.cuda.is_available() if pin_memory is None else pin_memory,
             num_rows=self.local_rows * depth,
         )
+        self._call_step = self.journal.step
+
+    @property
+    def step(self) -> int:
+        """The memory's step (its calls so far); a disk-backed memory records it with each write
+        and a reopened one starts from its last write's."""
+        return self._call_step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._call_step = value
+        if self.journal is not None:
+            self.journal.step = value
+
+    def mark(self) -> int:
+        """A disk-backed memory flushes its folder and keeps every change from now on, so that
+        :meth:`rollback_to` can return to this step; returns the step."""
+        return self.step if self.journal is None else self.journal.mark()
+
+    def rollback_to(self, step: int) -> None:
+        """Returns a disk-backed memory, bit-identically, to what it was at ``step``.
+
+        Raises:
+            ValueError: a memory in RAM, or a step the folder's undo log cannot restore.
+        """
+        if self.journal is None:
+            raise ValueError(
+                "only a disk-backed memory (storage_path) can roll back; a memory in RAM "
+                "resumes from the state saved with the checkpoint (memory.load)"
+            )
+        self.journal.rollback(step)
+        self._prefetched = None
+        self._call_step = step
 
     @property
     def local_rows(self) -> int:
@@ -412,6 +448,10 @@ class MemoryStore:
 
     def abort(self) -> None:
         """Called when a memory call fails its argument checks (distributed stores tell peers)."""
+
+    def fail_step(self, writing: bool) -> None:
+        """Called when a memory call raises after its read (distributed stores tell peers that
+        wait for its write, if ``writing``)."""
 
     def stats(self) -> dict[str, float | int]:
         """Store-specific counters added to the memory's stats (none for a local store)."""
