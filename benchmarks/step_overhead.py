@@ -43,6 +43,22 @@ figure expected from the collectives. The sharded step is also divided by the si
 depth-1 step of the main table, both by the wall clock.
 
 ``--smoke`` runs a tiny model on batches of 8 with 2 attack steps and one repetition (for tests).
+
+Focused mode (any of ``--model``, ``--device``, ``--methods``, ``--mem-configs``, ``--amp``,
+``--channels-last``): only the methods named, on the model named (``small-resnet``, the default,
+or a paper-scale architecture such as ``resnet18``, unnormalized as TRADES trains it), on
+``--device``, with the variants ``base`` and one depth-1 memory per ``--mem-configs`` entry
+``PLACEMENT-DTYPE``: placement ``cpu`` (a CPU memory, no pinned buffers), ``pinned`` (a CPU
+memory read to CUDA through pinned staging buffers; CUDA only) or ``gpu`` (the memory on the
+device); dtype ``fp32``, ``fp16``, ``bf16`` or ``uint8``. Steps are timed by the wall clock with
+the device synchronised before and after each step (the CPU time of a host that waits for a GPU
+says nothing), interleaved in rotating order; no distributed section. It reports each memory's
+median step over the base step (target :data:`FOCUSED_MEMORY_TARGET`) and, when both are timed,
+the ``pinned-fp16`` step over the ``gpu-fp32`` step (target :data:`FOCUSED_PINNED_TARGET`).
+For example, what ``benchmarks/gpu_selfcheck.sh`` runs::
+
+    python benchmarks/step_overhead.py --model resnet18 --device cuda --batch 128 \
+        --methods trades --mem-configs pinned-fp16 gpu-fp32 --reps 30
 """
 
 from __future__ import annotations
@@ -392,13 +408,299 @@ def summarize_distributed(result: dict[str, Any], single: dict[str, Any], *, bat
     )
 
 
+# -- focused mode: one model, chosen methods and memory placements, on any device ----------------
+
+FOCUSED_MEMORY_TARGET = 1.08
+"""Focused mode: a step with a depth-1 memory at most this many times the base step."""
+FOCUSED_PINNED_TARGET = 1.01
+"""Focused mode: the ``pinned-fp16`` step at most this many times the ``gpu-fp32`` step."""
+METHOD_LABELS = {
+    "trades": "TRADES",
+    "pgd_at": "PGD-AT",
+    "mart": "MART",
+    "hat": "HAT",
+    "squeeze": "ST",
+    "single_step": "single-step",
+}
+MEM_PLACEMENTS = ("cpu", "pinned", "gpu")
+MEM_DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "uint8": torch.uint8,
+}
+
+
+def parse_mem_config(text: str) -> tuple[str, torch.dtype]:
+    """``"pinned-fp16"`` -> ``("pinned", torch.float16)``."""
+    placement, _, dtype = text.partition("-")
+    if placement not in MEM_PLACEMENTS or dtype not in MEM_DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"--mem-configs takes PLACEMENT-DTYPE with placement in {MEM_PLACEMENTS} and dtype in "
+            f"{tuple(MEM_DTYPES)}, got {text!r}"
+        )
+    return placement, MEM_DTYPES[dtype]
+
+
+def mem_config(text: str) -> str:
+    """``--mem-configs`` entries, checked by :func:`parse_mem_config` (a usage error if bad)."""
+    parse_mem_config(text)
+    return text
+
+
+def focused_model(name: str, *, smoke: bool, widths: tuple[int, int, int]) -> torch.nn.Module:
+    """The model of focused mode: SmallResNet, or a paper-scale architecture without input
+    normalization (tiny widths with ``--smoke``)."""
+    if name == "small-resnet":
+        return SmallResNet(widths=widths)
+    from memloss_addon.experiments.models import build_model
+
+    tiny: dict[str, int] = {}
+    if smoke:
+        tiny = {"widen_factor": 1} if name.startswith("wrn-") else {"base_width": 4}
+    return build_model(
+        name,  # type: ignore[arg-type]
+        sample_shape=(3, 32, 32),
+        num_classes=10,
+        normalization="identity",
+        **tiny,
+    )
+
+
+class FocusedBench:
+    """One method on one device: model, optimizer, data there, and one memory per config."""
+
+    def __init__(
+        self,
+        objective: Callable[..., Any],
+        kwargs: dict[str, Any],
+        *,
+        model_fn: Callable[[], torch.nn.Module],
+        batch: int,
+        device: torch.device,
+        mem_configs: list[str],
+        seed: int,
+        amp: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.objective = objective
+        self.kwargs = dict(kwargs)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model_fn().to(device=device, memory_format=fmt)
+        if objective is objectives.hat:  # HAT's frozen helper model
+            helper = model_fn().to(device=device, memory_format=fmt).eval()
+            for p in helper.parameters():
+                p.requires_grad_(False)
+            self.kwargs["helper"] = helper
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.batch = batch
+        num_samples = 4 * batch
+        self.x = torch.rand(num_samples, 3, 32, 32, device=device)
+        self.y = torch.randint(0, 10, (num_samples,), device=device)
+        self.order = torch.randperm(num_samples, device=device)
+        self.position = 0
+        self.memories: dict[str, MemoryWrapper] = {}
+        for name in mem_configs:
+            placement, dtype = parse_mem_config(name)
+            self.memories[name] = MemoryWrapper(
+                self.model,
+                num_samples,
+                (3, 32, 32),
+                depth=1,
+                eps=EPS,
+                dtype=dtype,
+                device=device if placement == "gpu" else "cpu",
+                pin_memory=placement == "pinned",
+            )
+        self.variants = ["base", *(f"memory {name}" for name in mem_configs)]
+        with torch.no_grad():  # fill every slot: every timed call reads B rows
+            for memory in self.memories.values():
+                for first in range(0, num_samples, batch):
+                    idx = torch.arange(first, first + batch, device=device)
+                    x = self.x[idx]
+                    adv = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)
+                    logits = self.model(x)
+                    memory(idx, x, adv, logits, self.y[idx], adv_logits=logits, write=True)
+                assert memory.stats()["filled_fraction"] == 1.0
+
+    def step(self, variant: str) -> None:
+        if self.position + self.batch > self.order.shape[0]:
+            self.position = 0
+        idx = self.order[self.position : self.position + self.batch]
+        self.position += self.batch
+        x, y = self.x[idx], self.y[idx]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.objective(self.model, x, y, **self.kwargs)
+            loss = out.loss
+            if variant != "base":
+                memory = self.memories[variant.removeprefix("memory ")]
+                loss = loss + memory(idx, x, out.adv, out.logits, y, adv_logits=out.adv_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def synchronized_wall(device: torch.device, fn: Callable[[], None]) -> float:
+    """Wall seconds of one call, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def focused_main(args: argparse.Namespace) -> int:
+    """Focused mode (see the module docstring)."""
+    device = torch.device(args.device)
+    mem_configs = list(dict.fromkeys(args.mem_configs or ["cpu-fp32"]))
+    for name in mem_configs:
+        placement, _ = parse_mem_config(name)
+        if placement != "cpu" and device.type != "cuda":
+            print(f"step_overhead: --mem-configs {name} needs --device cuda", file=sys.stderr)
+            return 2
+    if args.smoke:
+        steps, batch, widths, reps = 2, 8, (4, 4, 4), 1
+    else:
+        steps, batch, widths, reps = args.steps, args.batch, (16, 32, 64), args.reps
+    methods = args.methods or list(METHOD_LABELS)
+    table = method_table(steps)
+    labels = {m: METHOD_LABELS[m] + ("" if m == "single_step" else f"-{steps}") for m in methods}
+    meta = run_metadata([sys.executable, *sys.argv])
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    print_metadata(meta)
+    print(
+        f"{args.model} on {device}, batch {batch}, 3x32x32 random data, eps 8/255, SGD"
+        + (", bf16 autocast" if args.amp == "bf16" else "")
+        + (", channels_last" if args.channels_last else "")
+        + f"; depth-1 memories {', '.join(mem_configs)}; {reps} repetitions after one warm-up, "
+        "variants interleaved in rotating order; medians of per-step wall time, the device "
+        "synchronised around each step.",
+        flush=True,
+    )
+    benches = {
+        label: FocusedBench(
+            *table[label],
+            model_fn=lambda: focused_model(args.model, smoke=args.smoke, widths=widths),
+            batch=batch,
+            device=device,
+            mem_configs=mem_configs,
+            seed=i,
+            amp=args.amp == "bf16",
+            channels_last=args.channels_last,
+        )
+        for i, label in enumerate(labels.values())
+    }
+    wall = {m: {v: [] for v in b.variants} for m, b in benches.items()}
+    for rep in range(reps + 1):
+        for label, bench in benches.items():
+            variants = bench.variants
+            shift = rep % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                seconds = synchronized_wall(device, lambda b=bench, v=variant: b.step(v))
+                if rep > 0:  # repetition 0 warms up
+                    wall[label][variant].append(seconds)
+    rows = []
+    print(f"\n{'method':>12s} {'variant':>20s} {'median ms':>10s} {'/ base':>8s}  target")
+    for label, times in wall.items():
+        median_ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
+        ratio = {v: ms / median_ms["base"] for v, ms in median_ms.items()}
+        row: dict[str, Any] = {
+            "method": label,
+            "median_ms": median_ms,
+            "ratio": ratio,
+            "memory_target": FOCUSED_MEMORY_TARGET,
+            "memory_passed": {
+                v: r <= FOCUSED_MEMORY_TARGET for v, r in ratio.items() if v != "base"
+            },
+        }
+        pinned, gpu = median_ms.get("memory pinned-fp16"), median_ms.get("memory gpu-fp32")
+        if pinned is not None and gpu is not None:
+            row["pinned_fp16_over_gpu_fp32"] = pinned / gpu
+            row["pinned_target"] = FOCUSED_PINNED_TARGET
+            row["pinned_passed"] = pinned / gpu <= FOCUSED_PINNED_TARGET
+        rows.append(row)
+        for variant, ms in median_ms.items():
+            verdict = ""
+            if variant != "base":
+                passed = row["memory_passed"][variant]
+                verdict = f"<= {FOCUSED_MEMORY_TARGET:.2f} " + ("PASS" if passed else "FAIL")
+            print(f"{label:>12s} {variant:>20s} {ms:10.2f} {ratio[variant]:8.3f}  {verdict}")
+        if "pinned_fp16_over_gpu_fp32" in row:
+            print(
+                f"{label:>12s} pinned-CPU fp16 memory / GPU fp32 memory: "
+                f"{row['pinned_fp16_over_gpu_fp32']:.4f} (target <= {FOCUSED_PINNED_TARGET:.2f}: "
+                + ("PASS" if row["pinned_passed"] else "FAIL")
+                + ")"
+            )
+    if args.json is not None:
+        write_json(
+            args.json,
+            {
+                "meta": meta,
+                "settings": {
+                    "mode": "focused",
+                    "model": args.model,
+                    "device": str(device),
+                    "batch": batch,
+                    "steps": steps,
+                    "reps": reps,
+                    "amp": args.amp,
+                    "channels_last": args.channels_last,
+                    "mem_configs": mem_configs,
+                },
+                "rows": rows,
+                "wall_seconds": wall,
+            },
+        )
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repetition")
     parser.add_argument("--json", default=None, help="where to write the results as JSON")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (default 7)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    focused = parser.add_argument_group("focused mode (any of these options selects it)")
+    focused.add_argument(
+        "--model",
+        default=None,
+        choices=("small-resnet", "resnet18", "preact-resnet18", "wrn-34-10", "wrn-28-10"),
+        help="the model (default: small-resnet)",
+    )
+    focused.add_argument("--device", default=None, help="torch device (default: cpu)")
+    focused.add_argument(
+        "--methods", nargs="+", choices=tuple(METHOD_LABELS), default=None, help="default: all"
+    )
+    focused.add_argument(
+        "--mem-configs",
+        nargs="+",
+        type=mem_config,
+        default=None,
+        metavar="PLACEMENT-DTYPE",
+        help="memories to time, e.g. pinned-fp16 gpu-fp32 (default: cpu-fp32)",
+    )
+    focused.add_argument("--amp", choices=("off", "bf16"), default=None, help="default: off")
+    focused.add_argument("--channels-last", action="store_true", default=None)
+    focused.add_argument("--steps", type=int, default=10, help="attack steps (default 10)")
     args = parser.parse_args(argv)
+    if any(
+        getattr(args, name) is not None
+        for name in ("model", "device", "methods", "mem_configs", "amp", "channels_last")
+    ):
+        args.model = args.model or "small-resnet"
+        args.device = args.device or "cpu"
+        args.amp = args.amp or "off"
+        args.channels_last = bool(args.channels_last)
+        return focused_main(args)
     if args.smoke:
         steps, batch, widths, reps = 2, 8, (4, 4, 4), 1
     else:

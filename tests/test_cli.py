@@ -341,6 +341,18 @@ def test_choices_come_from_the_declared_tuples():
     assert choices("eval", "--weights") == names.MODEL_STATES
     assert choices("eval", "--attacks") == names.ATTACK_NAMES
     assert choices("eval", "--autoattack") == names.AUTOATTACK_PRESETS
+    assert choices("train", "--normalization") == names.NORMALIZATION_NAMES
+    assert choices("train", "--pad-mode") == names.PAD_MODES
+    assert choices("train", "--amp") == names.AMP_MODES
+    assert choices("eval", "--reference-source") == names.REFERENCE_SOURCES
+
+
+def test_the_torch_free_name_lists_match_the_modules_that_use_them():
+    from memloss_addon.experiments import architectures, reference_weights
+
+    assert names.REFERENCE_SOURCES == reference_weights.REFERENCE_SOURCES
+    assert set(names.NORMALIZATION_NAMES) == set(architectures.NORMALIZATIONS)
+    assert names.MODEL_NAMES[-4:] == architectures.ARCHITECTURE_NAMES
 
 
 _WITHOUT_PACKAGE_INITS = """

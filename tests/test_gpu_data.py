@@ -187,7 +187,10 @@ def test_layouts_dtypes_and_memory_format():
     assert torch.equal(batch.x, images.double() / 255)
     assert data.sample_shape == (3, 32, 32) and len(data) == 6
     with pytest.raises(ValueError, match="uint8"):
-        DeviceDataset(images.float(), labels)
+        DeviceDataset(images.long(), labels)
+    # Floating images (synthetic data) are kept as they are, not divided by 255.
+    floats = DeviceDataset(images.float() / 255, labels, augment=False, padding=0)
+    assert torch.equal(next(iter(floats.batches(6, shuffle=False))).x, images.float() / 255)
     with pytest.raises(ValueError, match="labels"):
         DeviceDataset(images, labels[:3])
 

@@ -156,12 +156,13 @@ def test_overrides_and_their_checks():
 @pytest.mark.parametrize("name", list_presets())
 def test_train_config_takes_every_setting_it_knows(name):
     kwargs, rest = train_config_kwargs(resolve_preset(name))
-    # What TrainConfig cannot express yet; nesterov and the schedule follow from the method.
-    assert set(rest) <= {"dataset", "normalization", "augment", "pad_mode"}
+    # Only the dataset is the command's; nesterov and the schedule follow from the method.
+    assert set(rest) == {"dataset"}
     recipe = METHOD_RECIPES[kwargs["method"]]
     assert recipe.nesterov == get_preset(name).settings["nesterov"]
-    # The model names wait for names.ModelName to list the architectures.
-    config = TrainConfig(**{k: v for k, v in kwargs.items() if k != "model"})
+    config = TrainConfig(**kwargs)
+    for key in ("model", "normalization", "augment", "pad_mode", "holdout"):
+        assert getattr(config, key) == get_preset(name).settings[key], key
     expected_schedule = get_preset(name).settings["schedule"]
     assert config.resolved_schedule == expected_schedule
     assert config.resolved_weight_decay == get_preset(name).settings["weight_decay"]

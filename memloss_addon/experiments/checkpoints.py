@@ -216,10 +216,17 @@ def model_from_checkpoint(
     """
     check_choice("weights", weights, MODEL_STATES)
     recorded = state["dataset"]
+    config = state["config"]
+    options = {  # the paper-scale architectures' options (absent from older checkpoints)
+        key: config[key]
+        for key in ("normalization", "base_width", "widen_factor")
+        if config.get(key) is not None
+    }
     model = build_model(
         state["model_name"],
         sample_shape=tuple(recorded["sample_shape"]),
         num_classes=recorded["num_classes"],
+        **options,
     )
     if weights == "best":
         best = state.get("best")

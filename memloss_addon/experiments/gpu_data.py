@@ -35,25 +35,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from memloss_addon.experiments.names import PadMode
+from memloss_addon.views import crop_flip, uncrop_flip
 
 __all__ = [
     "AugmentedBatch",
     "DeviceDataset",
     "PadMode",
+    "augment_batch",
     "covered_mask",
     "crop_flip",
+    "dataset_tensors",
     "pad_images",
     "random_augmentation",
     "synthetic_cifar",
     "uncrop_flip",
 ]
-
-PadMode = Literal["zeros", "reflect"]
 
 
 def pad_images(images: torch.Tensor, padding: int, mode: PadMode = "zeros") -> torch.Tensor:
@@ -97,119 +101,6 @@ def pad_images(images: torch.Tensor, padding: int, mode: PadMode = "zeros") -> t
 def _reflect_index(size: int, padding: int, device: torch.device) -> torch.Tensor:
     index = torch.arange(-padding, size + padding, device=device).abs()
     return torch.where(index >= size, 2 * (size - 1) - index, index)
-
-
-def _view_index(
-    offsets: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample batch, row and column indices into the padded frame, shaped to broadcast to
-    ``(B, H, W)``: view pixel ``(i, j)`` of sample ``b`` is padded pixel ``(rows[b, i],
-    cols[b, j])``."""
-    height, width = size
-    device = offsets.device
-    batch = torch.arange(offsets.shape[0], device=device)[:, None, None]
-    rows = offsets[:, :1] + torch.arange(height, device=device)[None, :]
-    forward = torch.arange(width, device=device)[None, :]
-    cols = offsets[:, 1:] + torch.where(flips[:, None], width - 1 - forward, forward)
-    return batch, rows[:, :, None], cols[:, None, :]
-
-
-def _check_geometry(
-    padded_shape: torch.Size, offsets: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
-) -> None:
-    if len(padded_shape) != 4:
-        raise ValueError(f"the padded frame must be (B, C, H, W), got {tuple(padded_shape)}")
-    batch = padded_shape[0]
-    if offsets.shape != (batch, 2) or offsets.dtype != torch.int64:
-        raise ValueError(
-            f"offsets must be int64 of shape ({batch}, 2), got {offsets.dtype} "
-            f"{tuple(offsets.shape)}"
-        )
-    if flips.shape != (batch,) or flips.dtype != torch.bool:
-        raise ValueError(
-            f"flips must be bool of shape ({batch},), got {flips.dtype} {tuple(flips.shape)}"
-        )
-    height, width = size
-    limits = (padded_shape[2] - height, padded_shape[3] - width)
-    if min(limits) < 0:
-        raise ValueError(f"a {size} view does not fit a {tuple(padded_shape[2:])} frame")
-    # Checking values costs a host synchronisation on an accelerator: only on the CPU.
-    if offsets.device.type == "cpu" and batch:
-        low, high = int(offsets.min()), offsets.max(dim=0).values.tolist()
-        if low < 0 or high[0] > limits[0] or high[1] > limits[1]:
-            raise ValueError(f"offsets must lie in [0, {limits[0]}] x [0, {limits[1]}]")
-
-
-def crop_flip(
-    padded: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
-) -> torch.Tensor:
-    """The augmentation: sample ``b``'s ``size`` crop at ``offsets[b]``, mirrored if ``flips[b]``.
-
-    Args:
-        padded: ``(B, C, Hp, Wp)`` images in the padded frame, any dtype.
-        offsets: ``(B, 2)`` int64 top-left corners ``(row, column)``.
-        flips: ``(B,)`` bool, mirror left-right after cropping.
-        size: ``(H, W)`` of the view.
-
-    Returns:
-        ``(B, C, H, W)`` views, contiguous, in ``padded``'s dtype.
-
-    Raises:
-        ValueError: Shapes or dtypes that do not fit, or (on the CPU) offsets out of range.
-
-    Example:
-        >>> frame = torch.arange(16).view(1, 1, 4, 4)
-        >>> crop_flip(frame, torch.tensor([[1, 0]]), torch.tensor([True]), (2, 3))[0, 0]
-        tensor([[ 6,  5,  4],
-                [10,  9,  8]])
-    """
-    _check_geometry(padded.shape, offsets, flips, size)
-    batch, rows, cols = _view_index(offsets, flips, size)
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
-def uncrop_flip(
-    view: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, *, into: torch.Tensor
-) -> torch.Tensor:
-    """The inverse of :func:`crop_flip` on the region the view covers.
-
-    Returns a copy of ``into`` (the padded frame) in which the pixels that
-    ``crop_flip(·, offsets, flips, view.shape[-2:])`` reads are replaced by ``view``'s (unmirrored
-    where ``flips``); all other pixels keep ``into``'s values. Hence
-    ``crop_flip(uncrop_flip(v, o, f, into=P), o, f, size) == v`` for every ``P``, and
-    ``uncrop_flip(crop_flip(P, o, f, size), o, f, into=P) == P``.
-
-    Args:
-        view: ``(B, C, H, W)`` views (e.g. adversarial examples made on them).
-        offsets: ``(B, 2)`` int64 corners the views were cropped at.
-        flips: ``(B,)`` bool, whether they were mirrored.
-        into: ``(B, C, Hp, Wp)`` frame supplying the uncovered pixels (e.g. the clean padded
-            images, or a memory's previous padded-frame rows). Not modified.
-
-    Returns:
-        ``(B, C, Hp, Wp)`` in ``into``'s dtype (``view`` is cast to it).
-
-    Raises:
-        ValueError: Shapes or dtypes that do not fit, or (on the CPU) offsets out of range.
-
-    Example:
-        >>> frame = torch.zeros(1, 1, 3, 3, dtype=torch.long)
-        >>> view = torch.tensor([[[[1, 2]]]])
-        >>> uncrop_flip(view, torch.tensor([[2, 1]]), torch.tensor([True]), into=frame)[0, 0]
-        tensor([[0, 0, 0],
-                [0, 0, 0],
-                [0, 2, 1]])
-    """
-    if view.dim() != 4 or view.shape[:2] != into.shape[:2]:
-        raise ValueError(
-            f"view {tuple(view.shape)} and frame {tuple(into.shape)} must share batch and channels"
-        )
-    size = (int(view.shape[2]), int(view.shape[3]))
-    _check_geometry(into.shape, offsets, flips, size)
-    batch, rows, cols = _view_index(offsets, flips, size)
-    out = into.clone()
-    out[batch, :, rows, cols] = view.to(into.dtype).permute(0, 2, 3, 1)
-    return out
 
 
 def covered_mask(
@@ -262,6 +153,90 @@ def random_augmentation(
     return offsets, flips
 
 
+def augment_batch(
+    x: torch.Tensor,
+    *,
+    padding: int,
+    pad_mode: PadMode = "zeros",
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random crop and flip of a batch already on its device: pad, draw, cut.
+
+    The same draws (:func:`random_augmentation` from ``generator``) and the same pixels as a
+    :class:`DeviceDataset` holding these images gives, for batches that are not held there.
+
+    Returns:
+        ``(views, offsets, flips)``: views of ``x``'s shape and dtype, and how they were cut.
+
+    Example:
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> views, offsets, flips = augment_batch(x, padding=2, generator=torch.Generator())
+        >>> views.shape == x.shape, offsets.shape
+        (True, torch.Size([2, 2]))
+    """
+    offsets, flips = random_augmentation(
+        int(x.shape[0]), padding=padding, flip=flip, device=x.device, generator=generator
+    )
+    padded = pad_images(x, padding, pad_mode)
+    return crop_flip(padded, offsets, flips, (int(x.shape[2]), int(x.shape[3]))), offsets, flips
+
+
+def dataset_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and labels of a map-style dataset of ``(x, y, ...)`` items, as two tensors.
+
+    Reads the bytes without decoding item by item where it can: torchvision's ``CIFAR10``,
+    ``CIFAR100`` (NHWC) and ``SVHN`` (NCHW) with a plain ``ToTensor`` transform give their uint8
+    ``data`` (what ``ToTensor`` would divide by 255); a ``TensorDataset`` gives its tensors;
+    ``Subset`` and :class:`~memloss_addon.data.IndexedDataset` wrappers are looked through.
+    Anything else is read item by item and stacked (floats as they come).
+
+    Returns:
+        ``(images, labels)``: ``(N, C, H, W)`` (uint8 or the items' float dtype) and ``(N,)``
+        int64.
+
+    Example:
+        >>> data = TensorDataset(torch.rand(5, 1, 4, 4), torch.arange(5))
+        >>> images, labels = dataset_tensors(Subset(data, [4, 0]))
+        >>> images.shape, labels.tolist()
+        (torch.Size([2, 1, 4, 4]), [4, 0])
+    """
+    from memloss_addon.data import IndexedDataset
+
+    if isinstance(dataset, IndexedDataset):
+        return dataset_tensors(dataset.dataset)
+    if isinstance(dataset, Subset):
+        images, labels = dataset_tensors(dataset.dataset)
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
+        return images[index], labels[index]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0], dataset.tensors[1].to(torch.int64)
+    raw = _torchvision_bytes(dataset)
+    if raw is not None:
+        return raw
+    items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+    images = torch.stack([torch.as_tensor(item[0]) for item in items])
+    labels = torch.as_tensor([int(item[1]) for item in items], dtype=torch.int64)
+    return images, labels
+
+
+def _torchvision_bytes(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    name = type(dataset).__name__
+    transform = getattr(dataset, "transform", None)
+    if name not in ("CIFAR10", "CIFAR100", "SVHN") or type(transform).__name__ != "ToTensor":
+        return None
+    if getattr(dataset, "target_transform", None) is not None:
+        return None
+    data = getattr(dataset, "data", None)
+    labels = getattr(dataset, "labels" if name == "SVHN" else "targets", None)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or labels is None:
+        return None
+    images = torch.from_numpy(data)
+    if name != "SVHN":  # CIFAR keeps (N, H, W, C)
+        images = images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+
 @dataclass(frozen=True)
 class AugmentedBatch:
     """One training batch and how it was augmented.
@@ -286,7 +261,8 @@ class DeviceDataset:
 
     Args:
         images: ``(N, C, H, W)`` uint8 tensor or array (``layout="NHWC"`` for ``(N, H, W, C)``,
-            e.g. torchvision's ``CIFAR10.data``).
+            e.g. torchvision's ``CIFAR10.data``), divided by 255 per batch; or floating images
+            in ``[0, 1]``, kept in their dtype and given as they are (synthetic data).
         labels: ``(N,)`` integer labels.
         device: Where the data live and batches are made (default: ``"cpu"``).
         padding: Crop padding per side (default: 4; 0 with ``augment=False`` stores no frame).
@@ -299,7 +275,7 @@ class DeviceDataset:
         channels_last: Return ``x`` in ``torch.channels_last`` memory format.
 
     Raises:
-        ValueError: Images that are not uint8 or not 4-D, labels of another length.
+        ValueError: Images that are not uint8 or floating or not 4-D, labels of another length.
 
     Example:
         >>> images, labels = synthetic_cifar(6)
@@ -324,8 +300,8 @@ class DeviceDataset:
         channels_last: bool = False,
     ) -> None:
         x = torch.as_tensor(images)
-        if x.dtype != torch.uint8 or x.dim() != 4:
-            raise ValueError(f"images must be 4-D uint8, got {x.dtype} {tuple(x.shape)}")
+        if not (x.dtype == torch.uint8 or x.is_floating_point()) or x.dim() != 4:
+            raise ValueError(f"images must be 4-D uint8 or float, got {x.dtype} {tuple(x.shape)}")
         if layout == "NHWC":
             x = x.permute(0, 3, 1, 2)
         elif layout != "NCHW":
@@ -351,15 +327,25 @@ class DeviceDataset:
         """``(C, H, W)`` of one view."""
         return (int(self.padded.shape[1]), *self.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the padded images and the labels take on the device."""
+        return self.padded.nbytes + self.labels.nbytes
+
+    def _scale(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            return images.to(self.dtype).div_(255)
+        return images.to(self.dtype)
+
     def _to_float(self, images: torch.Tensor) -> torch.Tensor:
-        out = images.to(self.dtype).div_(255)
+        out = self._scale(images)
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
     def padded_float(self, idx: torch.Tensor) -> torch.Tensor:
         """The samples' padded frames as floats in ``[0, 1]`` (e.g. to fill a memory's rows)."""
-        return self.padded[idx.to(self.device)].to(self.dtype).div_(255)
+        return self._scale(self.padded[idx.to(self.device)])
 
     def view(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """The samples' views under given ``offsets`` and ``flips``, floats in ``[0, 1]``."""
@@ -373,6 +359,7 @@ class DeviceDataset:
         shuffle: bool = True,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
+        order: torch.Tensor | None = None,
     ) -> Iterator[AugmentedBatch]:
         """One epoch of batches: a permutation (or the order) cut into ``batch_size`` pieces.
 
@@ -382,11 +369,19 @@ class DeviceDataset:
             drop_last: Leave out a last, smaller batch (the memory then misses its samples).
             generator: Source of the order and the augmentation; must live on the dataset's
                 device (default: the device's global RNG).
+            order: The epoch's sample indices in their order, drawn elsewhere (e.g. by a
+                DataLoader's generator on the CPU; any 1-D selection); moved to the device once.
+                Given, ``shuffle`` is ignored and ``generator`` serves the augmentation only.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         n = len(self)
-        if shuffle:
+        if order is not None:
+            if order.dim() != 1:
+                raise ValueError(f"order must be 1-D indices, got shape {tuple(order.shape)}")
+            order = order.to(self.device, torch.int64, non_blocking=True)
+            n = int(order.shape[0])
+        elif shuffle:
             order = torch.randperm(n, device=self.device, generator=generator)
         else:
             order = torch.arange(n, device=self.device)

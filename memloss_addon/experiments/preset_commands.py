@@ -118,8 +118,9 @@ def add_preset_commands(subparsers: Any) -> None:
     presets.add_argument(
         "--set",
         metavar="KEY=VALUE",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
-        help="override a setting in the dry run (repeatable), e.g. --set epochs=2",
+        help="override settings in the dry run (repeatable), e.g. --set epochs=2 widen_factor=1",
     )
     presets.set_defaults(func=_cmd_presets)

@@ -543,12 +543,13 @@ def train_config_kwargs(settings: Mapping[str, Any]) -> tuple[dict[str, Any], di
     ``nesterov`` and ``schedule`` go to neither when they equal what ``TrainConfig`` derives from
     the method (its ``METHOD_RECIPES``; ``schedule`` also from ``milestones``): those are
     reproduced already. Whatever remains in the second dict is a setting ``TrainConfig`` cannot
-    express yet (``dataset`` is the command's ``--dataset``).
+    express: ``dataset`` (the command's ``--dataset``), and a ``nesterov`` or ``schedule`` that
+    an override set against the method's recipe.
 
     Example:
         >>> kwargs, rest = train_config_kwargs(resolve_preset("trades-wrn-34-10-cifar10"))
-        >>> kwargs["beta"], sorted(rest)
-        (6.0, ['augment', 'dataset', 'normalization', 'pad_mode'])
+        >>> kwargs["beta"], kwargs["normalization"], kwargs["augment"], sorted(rest)
+        (6.0, 'identity', True, ['dataset'])
     """
     from memloss_addon.experiments.train_config import METHOD_RECIPES, TrainConfig
 

@@ -26,14 +26,20 @@ from numbers import Real
 from typing import Any
 
 from memloss_addon.experiments.names import (
+    AMP_MODES,
     ATTACK_INITS,
     LR_SCHEDULES,
     METHOD_NAMES,
     MODEL_NAMES,
+    NORMALIZATION_NAMES,
+    PAD_MODES,
+    AmpMode,
     AttackInit,
     LRSchedule,
     MethodName,
     ModelName,
+    NormalizationName,
+    PadMode,
 )
 from memloss_addon.options import (
     BN_MODES,
@@ -48,7 +54,9 @@ from memloss_addon.options import (
 
 __all__ = [
     "ATTACK_INITS",
+    "AUGMENT_PADDING",
     "DEFAULT_MILESTONES",
+    "EXECUTION_FIELDS",
     "LR_SCHEDULES",
     "METHOD_NAMES",
     "METHOD_RECIPES",
@@ -67,6 +75,25 @@ DEFAULT_MILESTONES: tuple[float, ...] = (0.5, 0.75)
 
 ONECYCLE_WARMUP = 0.25
 """Fraction of the steps over which the one-cycle schedule rises to its peak."""
+
+AUGMENT_PADDING = 4
+"""Pixels of padding per side of the random-crop augmentation (``RandomCrop(32, padding=4)``)."""
+
+EXECUTION_FIELDS: tuple[str, ...] = (
+    "device",
+    "memory_device",
+    "device_data",
+    "amp",
+    "channels_last",
+    "compile",
+)
+"""Fields that say where and how fast a run executes rather than what it trains: a resumed run
+may change them (:meth:`TrainingRun.resume <memloss_addon.experiments.training.TrainingRun.resume>`
+takes them as overrides). ``amp`` changes the arithmetic, so a run resumed with another one
+continues, but not bit for bit as it would have."""
+
+_RESNETS = ("resnet18", "preact-resnet18")
+_WIDE_RESNETS = ("wrn-34-10", "wrn-28-10")
 
 
 @dataclass(frozen=True)
@@ -145,6 +172,36 @@ class TrainConfig:
             dataset) to pick the best epoch by PGD-20 accuracy; never trained on. 0: none.
         curve_samples: After every epoch, measure clean and PGD-20 accuracy on the first this many
             test samples (the robust-overfitting curve); ``None``: no curve.
+        normalization: Input normalization inside a paper-scale architecture (one of
+            :data:`~.names.NORMALIZATION_NAMES`; ``None``: the architecture's default,
+            ``"cifar10"``). Only for those models.
+        base_width: First-stage width of ``resnet18`` and ``preact-resnet18`` (``None``: 64, the
+            reference's); only for them (tests and timing use tiny widths).
+        widen_factor: Width factor of ``wrn-34-10`` and ``wrn-28-10`` (``None``: 10); only for
+            them.
+        augment: Random crop (padding :data:`AUGMENT_PADDING`) and horizontal flip of every
+            training batch, done by the run on the batch's device (no flip on SVHN, whose
+            digits a mirror changes). The dataset itself must not augment.
+        pad_mode: How the crop pads: ``"zeros"`` (torchvision's ``RandomCrop``) or
+            ``"reflect"`` (robust_overfitting).
+        amp: ``"bf16"`` runs the training forward passes (attack, objective, memory) under
+            ``torch.autocast`` to bfloat16; the memory computes its term in float32 whatever the
+            autocast. ``"off"`` (default): float32 throughout. Evaluations run in float32.
+        channels_last: Keep the model's weights and the training batches in
+            ``torch.channels_last`` memory format (faster convolutions on recent GPUs).
+        compile: ``torch.compile`` the model for training with this backend (``"inductor"``,
+            PyTorch's default; ``"eager"`` only traces, for tests); ``None``: no compilation.
+            Evaluations and checkpoints use the uncompiled module (same weights).
+        memory_aligned: Keep the memory aligned with the augmentation (ATTA's frame): it stores
+            each perturbation in the padded frame through the inverse of the batch's crop and
+            flip and replays it on the same image pixels under the next epoch's view
+            (``MemoryWrapper(view_padding=...)``). Needs ``augment`` and
+            ``memory_mode="perturbation"``.
+        device_data: Hold the training set on ``device`` as one tensor (uint8 for image
+            datasets that store bytes, as CIFAR and SVHN do) and cut, crop and flip batches there
+            (:class:`~.gpu_data.DeviceDataset`): no DataLoader, no host copies per step.
+            ``None`` (default): on when ``device`` is a CUDA device. On the CPU it gives the
+            same batches as the DataLoader path, bit for bit.
 
     The memory exists when ``memory``, ``attack_init == "memory"`` or ``diagnostics``; without
     ``memory`` its weight is 0, so the term is never computed and training with
@@ -186,6 +243,16 @@ class TrainConfig:
     milestones: tuple[float, ...] | None = None
     holdout: int = 0
     curve_samples: int | None = None
+    normalization: NormalizationName | None = None
+    base_width: int | None = None
+    widen_factor: int | None = None
+    augment: bool = False
+    pad_mode: PadMode = "zeros"
+    amp: AmpMode = "off"
+    channels_last: bool = False
+    compile: str | None = None
+    device_data: bool | None = None
+    memory_aligned: bool = False
 
     def __post_init__(self) -> None:
         # Imported here: the checks import torch, and the command's --help reads this module.
@@ -222,6 +289,41 @@ class TrainConfig:
         positive_int("holdout", self.holdout, minimum=0)
         if self.curve_samples is not None:
             positive_int("curve_samples", self.curve_samples)
+        self._check_architecture_options()
+        for name in ("augment", "channels_last", "memory_aligned"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.device_data is not None and not isinstance(self.device_data, bool):
+            raise TypeError(f"device_data must be a bool or None, got {self.device_data!r}")
+        check_choice("pad_mode", self.pad_mode, PAD_MODES)
+        check_choice("amp", self.amp, AMP_MODES)
+        if self.compile is not None and (not isinstance(self.compile, str) or not self.compile):
+            raise TypeError(f"compile must be a backend name or None, got {self.compile!r}")
+        if self.memory_aligned and (not self.augment or self.memory_mode != "perturbation"):
+            raise ValueError(
+                "memory_aligned replays perturbations under each epoch's crop and flip: it needs "
+                f"augment=True and memory_mode='perturbation', got augment={self.augment!r}, "
+                f"memory_mode={self.memory_mode!r}"
+            )
+
+    def _check_architecture_options(self) -> None:
+        from memloss_addon.checks import check_choice, positive_int
+
+        model = self.model
+        if self.normalization is not None:
+            check_choice("normalization", self.normalization, NORMALIZATION_NAMES)
+            if model not in _RESNETS + _WIDE_RESNETS:
+                raise ValueError(
+                    "normalization applies to the paper-scale architectures "
+                    f"({', '.join(_RESNETS + _WIDE_RESNETS)}), not to model={model!r}"
+                )
+        for name, models in (("base_width", _RESNETS), ("widen_factor", _WIDE_RESNETS)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            positive_int(name, value)
+            if model not in models:
+                raise ValueError(f"{name} applies to {' and '.join(models)}, not to {model!r}")
 
     @property
     def recipe(self) -> MethodRecipe:
@@ -260,6 +362,25 @@ class TrainConfig:
     def resolved_milestones(self) -> tuple[float, ...]:
         """The piecewise schedule's fractions in use (:data:`DEFAULT_MILESTONES` by default)."""
         return DEFAULT_MILESTONES if self.milestones is None else self.milestones
+
+    @property
+    def resolved_device_data(self) -> bool:
+        """Whether the training set lives on the device: ``device_data``, or by default whether
+        ``device`` is a CUDA device."""
+        if self.device_data is not None:
+            return self.device_data
+        return str(self.device).split(":")[0] == "cuda"
+
+    def model_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~.models.build_model` the config sets (width and
+        normalization of the paper-scale architectures)."""
+        options: dict[str, Any] = {}
+        if self.normalization is not None:
+            options["normalization"] = self.normalization
+        for name in ("base_width", "widen_factor"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        return options
 
     @property
     def needs_memory(self) -> bool:

@@ -13,6 +13,15 @@ epoch (test accuracy, the robust-overfitting curve, the held-out PGD-20) leave e
 stream, module flag and BatchNorm statistic as they found them, so they never change training.
 
 Each epoch's figures are an :class:`~memloss_addon.experiments.epoch_records.EpochStats`.
+
+The fast path (:class:`~memloss_addon.experiments.train_config.TrainConfig` fields ``amp``,
+``channels_last``, ``compile``, ``device_data``): the training forward passes may run under bf16
+autocast, on a ``torch.compile``-d model, in channels-last format, on batches cut on the device
+from a :class:`~memloss_addon.experiments.gpu_data.DeviceDataset`. The epoch's sums (loss, term,
+correct predictions, a non-finite flag) stay on the device and are read every
+:data:`SYNC_EVERY` steps and at the end of the epoch, so a step asks the host for nothing (on
+the CPU, where asking costs nothing, they are read after every step, so a non-finite loss stops
+the run before its optimiser step).
 """
 
 from __future__ import annotations
@@ -21,10 +30,10 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +52,39 @@ from memloss_addon.experiments.datasets import DatasetSplits
 from memloss_addon.experiments.epoch_records import EpochStats
 from memloss_addon.experiments.evaluate import evaluate
 from memloss_addon.experiments.evaluation_data import evaluation_loader
+from memloss_addon.experiments.gpu_data import DeviceDataset, augment_batch, dataset_tensors
 from memloss_addon.experiments.models import ModelName, build_model, default_model
 from memloss_addon.experiments.names import MODEL_STATES, ModelState
-from memloss_addon.experiments.train_config import TrainConfig, describe_lr_schedule
+from memloss_addon.experiments.train_config import (
+    AUGMENT_PADDING,
+    EXECUTION_FIELDS,
+    TrainConfig,
+    describe_lr_schedule,
+)
 from memloss_addon.experiments.training_setup import (
+    augmentation_generator,
+    augments_flips,
     base_objective,
     build_lr_scheduler,
     build_memory,
     build_optimizer,
     epoch_loader,
+    epoch_order,
     freeze,
     memory_attack_start,
     objective_kwargs,
     split_holdout,
 )
 
-__all__ = ["CURVE_PGD_STEPS", "BatchWrapper", "EpochStats", "TrainingRun", "clean_accuracy"]
+__all__ = [
+    "CURVE_PGD_STEPS",
+    "SYNC_EVERY",
+    "BatchWrapper",
+    "EpochBatches",
+    "EpochStats",
+    "TrainingRun",
+    "clean_accuracy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +93,9 @@ BatchWrapper = Callable[[Iterable[Any]], Iterable[Any]]
 
 CURVE_PGD_STEPS = 20
 """Steps of the PGD of the per-epoch curve and of the held-out selection (step 2.5 eps / 20)."""
+
+SYNC_EVERY = 50
+"""Steps between reads of the epoch's sums on an accelerator (the non-finite check included)."""
 
 
 @torch.no_grad()
@@ -95,17 +124,85 @@ def clean_accuracy(model: nn.Module, loader: Iterable, *, device: str | torch.de
     return correct / max(total, 1)
 
 
-@dataclass
 class _EpochTotals:
-    """Sums over an epoch's batches, weighted by batch size."""
+    """Sums over an epoch's batches, weighted by batch size, kept on the device.
 
-    loss: float = 0.0
-    memory_term: float = 0.0
-    correct: int = 0
-    seen: int = 0
+    Float64 sums of the float32 values times the batch size, in batch order: the same numbers
+    the host computed before it kept them on the device.
+    """
 
-    def mean(self, total: float) -> float:
-        return total / max(self.seen, 1)
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.memory_term = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.seen = 0
+
+    def read(self) -> dict[str, float]:
+        """The means (one host synchronisation)."""
+        loss, term, correct, finite = torch.stack(
+            [self.loss, self.memory_term, self.correct.double(), self.finite.double()]
+        ).tolist()
+        seen = max(self.seen, 1)
+        return {
+            "loss": loss / seen,
+            "memory_term": term / seen,
+            "correct": correct / seen,
+            "finite": finite,
+        }
+
+
+_View = tuple[torch.Tensor, torch.Tensor]
+_Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, _View | None]
+
+
+class EpochBatches:
+    """One epoch's training batches ``(x, y, idx, view)``, ``x`` and ``y`` on the run's device,
+    augmented and in the run's memory format; ``view`` is ``(offsets, flips)`` of the crop and
+    flip that made ``x`` from the padded images, or ``None`` without augmentation.
+
+    Sized (``len`` is the number of batches); :attr:`samples` is the number of images, for
+    progress bars that count images per second.
+    """
+
+    def __init__(self, run: TrainingRun, epoch: int) -> None:
+        self.run, self.epoch = run, epoch
+        self.samples = len(run.train_splits.train)
+        self._loader = epoch_loader(run.train_splits, run.config, epoch)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[_Batch]:
+        run, config = self.run, self.run.config
+        device_data = run.device_data
+        generator = (
+            augmentation_generator(config, self.epoch, run.device)
+            if config.augment or device_data is not None
+            else None
+        )
+        if device_data is not None:
+            order = epoch_order(run.train_splits, config, self.epoch)
+            for batch in device_data.batches(config.batch_size, order=order, generator=generator):
+                crop = (batch.offsets, batch.flips) if config.augment else None
+                yield batch.x, batch.y, batch.idx, crop
+            return
+        memory_format = torch.channels_last if config.channels_last else None
+        for x, y, idx in self._loader:
+            x, y = x.to(run.device), y.to(run.device)
+            view: _View | None = None
+            if config.augment:
+                x, offsets, flips = augment_batch(
+                    x,
+                    padding=AUGMENT_PADDING,
+                    pad_mode=config.pad_mode,
+                    flip=augments_flips(run.splits),
+                    generator=generator,
+                )
+                view = (offsets, flips)
+            if memory_format is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
+            yield x, y, idx, view
 
 
 class TrainingRun:
@@ -122,7 +219,19 @@ class TrainingRun:
         config: The run's settings.
         splits: The dataset (its training set yields ``(x, y, idx)``).
 
+    Raises:
+        ValueError: ``config.augment`` with a dataset that augments already or images under 16
+            pixels a side, or a bad setting.
+
     Attributes:
+        model: The model (uncompiled: what checkpoints save and evaluations run).
+        train_model: What the training steps and the memory call: ``model``, or its
+            ``torch.compile`` with ``config.compile``.
+        device_data: The training set on the device (:class:`~.gpu_data.DeviceDataset`) when
+            ``config.resolved_device_data``, else ``None`` (a DataLoader feeds the steps).
+        sync_every: Steps between reads of the epoch's sums on the host (the non-finite check
+            included): 1 on the CPU, where a read costs nothing and a non-finite loss then stops
+            the run before its optimiser step; :data:`SYNC_EVERY` on an accelerator.
         train_splits: The splits the run trains on (``splits`` less the held-out samples).
         holdout_set: The held-out samples (items ``(x, y)``), or ``None``.
         best: ``{"epoch", "holdout_pgd_accuracy", "model"}`` of the best epoch so far, or
@@ -142,12 +251,29 @@ class TrainingRun:
         self.splits = splits
         self.device = torch.device(config.device)
         self.model_name: ModelName = config.model or default_model(splits.sample_shape)
+        if config.augment and splits.augment:
+            raise ValueError(
+                "augment crops and flips the batches, and this dataset augments its items "
+                "already: load it with augment=False"
+            )
+        if config.augment and min(splits.sample_shape[1:]) < 4 * AUGMENT_PADDING:
+            raise ValueError(
+                f"augment pads by {AUGMENT_PADDING} and crops: for images of at least "
+                f"{4 * AUGMENT_PADDING} pixels a side (CIFAR, SVHN), not {splits.name}'s "
+                f"{splits.sample_shape[1:]}"
+            )
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.train_splits, self.holdout_set = split_holdout(splits, config.holdout)
         self.model = self._build_model()
         self.helper: nn.Module | None = self._build_model() if config.method == "hat" else None
         self.helper_trained = False
+        self.train_model: nn.Module = self.model
+        if config.compile is not None:
+            compiled = torch.compile(self.model, backend=config.compile)
+            self.train_model = cast(nn.Module, compiled)  # an OptimizedModule
+        self.device_data = self._device_data() if config.resolved_device_data else None
+        self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY
         self.steps_per_epoch = len(epoch_loader(self.train_splits, config, 0))
         self.optimizer = build_optimizer(self.model, config, nesterov=config.recipe.nesterov)
         self.scheduler = build_lr_scheduler(
@@ -157,7 +283,9 @@ class TrainingRun:
             milestones=config.resolved_milestones,
         )
         self.memory = (
-            build_memory(self.model, config, self.train_splits) if config.needs_memory else None
+            build_memory(self.train_model, config, self.train_splits)
+            if config.needs_memory
+            else None
         )
         if self.memory is not None:
             self._check_model()
@@ -168,9 +296,37 @@ class TrainingRun:
     def _build_model(self) -> nn.Module:
         splits = self.splits
         model = build_model(
-            self.model_name, sample_shape=splits.sample_shape, num_classes=splits.num_classes
+            self.model_name,
+            sample_shape=splits.sample_shape,
+            num_classes=splits.num_classes,
+            **self.config.model_options(),
         )
+        if self.config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         return model.to(self.device)
+
+    def _device_data(self) -> DeviceDataset:
+        images, labels = dataset_tensors(self.train_splits.train)
+        config = self.config
+        return DeviceDataset(
+            images,
+            labels,
+            device=self.device,
+            padding=AUGMENT_PADDING if config.augment else 0,
+            pad_mode=config.pad_mode,
+            augment=config.augment,
+            flip=augments_flips(self.splits),
+            channels_last=config.channels_last,
+        )
+
+    def epoch_batches(self, epoch: int) -> EpochBatches:
+        """The training batches of ``epoch`` (0-based; negative for HAT's helper)."""
+        return EpochBatches(self, epoch)
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.config.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def _check_model(self) -> None:
         """Fail now, not an epoch in, when the model's output is not logits the memory can use."""
@@ -205,10 +361,11 @@ class TrainingRun:
         helper.train()
         for epoch in range(epochs):
             # Negative epoch numbers keep the helper's data order apart from the main run's.
-            batches: Iterable = epoch_loader(self.train_splits, self.config, -1 - epoch)
-            for x, y, _ in wrap(batches) if wrap else batches:
-                x, y = x.to(self.device), y.to(self.device)
-                loss = F.cross_entropy(helper(x), y)
+            batches: Iterable = self.epoch_batches(-1 - epoch)
+            for x, y, *_ in wrap(batches) if wrap else batches:
+                with self._autocast():
+                    logits = helper(x)
+                loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -230,13 +387,20 @@ class TrainingRun:
         from_memory = not self.config.resets_attack(self.epoch + 1)
         self.model.train()
         start, cpu_start = time.perf_counter(), time.process_time()
-        totals = _EpochTotals()
-        batches: Iterable = epoch_loader(self.train_splits, self.config, self.epoch)
-        for x, y, idx in wrap(batches) if wrap else batches:
-            x, y = x.to(self.device), y.to(self.device)
-            init = self._attack_init(idx, x) if from_memory else None
-            self._train_batch(x, y, idx, objective, kwargs, totals, init=init)
+        totals = _EpochTotals(self.device)
+        sync_every = self.sync_every
+        batches: Iterable = self.epoch_batches(self.epoch)
+        for step, (x, y, idx, view) in enumerate(wrap(batches) if wrap else batches, start=1):
+            view = view if self.config.memory_aligned else None
+            init = self._attack_init(idx, x, view) if from_memory else None
+            self._train_batch(
+                x, y, idx, objective, kwargs, totals, init=init, check=sync_every == 1, view=view
+            )
+            if step % sync_every == 0:
+                self._check_finite(totals)
+        means = totals.read()  # waits for the epoch's last step: the time below includes it
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        self._check_finite(totals, means["finite"])
         self.epoch += 1
         memory = self.memory.epoch_stats() if self.memory is not None else {}
         evaluated = time.perf_counter()
@@ -252,8 +416,8 @@ class TrainingRun:
             }
         stats = EpochStats(
             epoch=self.epoch,
-            loss=totals.mean(totals.loss),
-            memory_term=totals.mean(totals.memory_term),
+            loss=means["loss"],
+            memory_term=means["memory_term"],
             memory_mean_term=memory.get("mean_term"),
             memory_mean_weight=memory.get("mean_weight"),
             memory_accuracy=memory.get("memory_accuracy"),
@@ -261,7 +425,7 @@ class TrainingRun:
             rows_forgotten=memory.get("rows_forgotten"),
             rows_recovered=memory.get("rows_recovered"),
             rows_skipped=memory.get("rows_skipped"),
-            train_clean_accuracy=totals.mean(totals.correct),
+            train_clean_accuracy=means["correct"],
             test_clean_accuracy=test_clean,
             curve_clean_accuracy=curve.get("clean"),
             curve_pgd_accuracy=curve.get("pgd"),
@@ -276,9 +440,20 @@ class TrainingRun:
         logger.info("epoch %d: %s", self.epoch, stats)
         return stats
 
-    def _attack_init(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    def _check_finite(self, totals: _EpochTotals, finite: float | None = None) -> None:
+        if finite is None:
+            finite = float(totals.finite)
+        if not finite:
+            raise FloatingPointError(
+                f"non-finite loss in epoch {self.epoch + 1}; lower the learning rate (now "
+                f"{self.config.lr}) or eps"
+            )
+
+    def _attack_init(
+        self, idx: torch.Tensor, x: torch.Tensor, view: _View | None
+    ) -> torch.Tensor | None:
         assert self.memory is not None  # attack_init="memory" always builds one
-        return memory_attack_start(self.memory, idx, x, eps=self.config.eps)
+        return memory_attack_start(self.memory, idx, x, eps=self.config.eps, view=view)
 
     def _train_batch(
         self,
@@ -290,15 +465,25 @@ class TrainingRun:
         totals: _EpochTotals,
         *,
         init: torch.Tensor | None,
+        check: bool,
+        view: _View | None = None,
     ) -> None:
-        out = objective(self.model, x, y, init=init, **kwargs)
-        loss = total = out.loss
-        if self.memory is not None:
-            term = self.memory(idx, x, out.adv, out.logits, y, adv_logits=out.adv_logits)
-            if self.config.memory:  # otherwise its weight is 0 and nothing is added
-                total = loss + term
-                totals.memory_term += float(term.detach()) * len(y)
-        if not torch.isfinite(total.detach()):
+        """One step; ``check``: ask the host whether the loss is finite before stepping;
+        ``view``: the batch's crop and flip, for an aligned memory."""
+        with self._autocast():
+            out = objective(self.train_model, x, y, init=init, **kwargs)
+            loss = total = out.loss
+            term = None
+            if self.memory is not None:
+                term = self.memory(
+                    idx, x, out.adv, out.logits, y, adv_logits=out.adv_logits, view=view
+                )
+                if self.config.memory:  # otherwise its weight is 0 and nothing is added
+                    total = loss + term
+                else:
+                    term = None
+        finite = torch.isfinite(total.detach())
+        if check and not bool(finite):
             raise FloatingPointError(
                 f"non-finite loss {float(total)} in epoch {self.epoch + 1}; "
                 f"lower the learning rate (now {self.config.lr}) or eps"
@@ -307,9 +492,13 @@ class TrainingRun:
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        totals.loss += float(loss.detach()) * len(y)
-        totals.correct += int((out.logits.detach().argmax(dim=1) == y).sum())
-        totals.seen += len(y)
+        count = len(y)
+        if term is not None:
+            totals.memory_term += term.detach().double() * count
+        totals.loss += loss.detach().double() * count
+        totals.correct += (out.logits.detach().argmax(dim=1) == y).sum()
+        totals.finite &= finite
+        totals.seen += count
 
     # -- evaluations after an epoch -----------------------------------------------------------
 
@@ -411,9 +600,18 @@ class TrainingRun:
         Args:
             path: The checkpoint.
             splits: The dataset it was trained on.
-            **overrides: Config fields to change on the way, e.g. ``device``; the run's
-                definition (method, epochs, seed, ...) must not change.
+            **overrides: Fields of :data:`~.train_config.EXECUTION_FIELDS` to change on the way,
+                e.g. ``device``; the run's definition (method, epochs, seed, ...) does not change.
+
+        Raises:
+            ValueError: An override outside those fields, or a checkpoint of another run.
         """
+        unknown = sorted(set(overrides) - set(EXECUTION_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"a resumed run keeps its definition; only {', '.join(EXECUTION_FIELDS)} may "
+                f"change, not {', '.join(unknown)}"
+            )
         state = load_checkpoint(path)
         values = dict(state["config"], **overrides)
         run = cls(TrainConfig.from_dict(values), splits)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from memloss_addon.data import IndexedDataset
 from memloss_addon.experiments.datasets import DatasetSplits
 from memloss_addon.experiments.train_config import (
+    AUGMENT_PADDING,
     DEFAULT_MILESTONES,
     LRSchedule,
     MethodName,
@@ -42,11 +43,14 @@ from memloss_addon.store import STORAGE_DTYPES
 
 __all__ = [
     "HOLDOUT_SEED",
+    "augmentation_generator",
+    "augments_flips",
     "base_objective",
     "build_lr_scheduler",
     "build_memory",
     "build_optimizer",
     "epoch_loader",
+    "epoch_order",
     "freeze",
     "holdout_positions",
     "memory_attack_start",
@@ -113,6 +117,7 @@ def build_memory(model: nn.Module, config: TrainConfig, splits: DatasetSplits) -
         bn_mode=config.bn_mode,
         replay_fraction=config.replay_fraction,
         diagnostics=config.diagnostics,
+        view_padding=AUGMENT_PADDING if config.memory_aligned else None,
     )
 
 
@@ -123,6 +128,7 @@ def memory_attack_start(
     *,
     eps: float,
     fallback: Callable[[torch.Tensor, float], torch.Tensor] = uniform_start,
+    view: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The first point of this batch's attack: each sample's newest memory example where it has
     one, and the usual random start where it has none.
@@ -140,6 +146,7 @@ def memory_attack_start(
         x: ``(B, ...)`` clean inputs.
         eps: The attack radius.
         fallback: ``(x_rows, eps) -> start`` for the rows without a memory example.
+        view: ``(offsets, flips)`` of the batch's views, for a memory aligned with them.
 
     Returns:
         ``(B, ...)`` starts for ``init``, or ``None`` when no row has a memory example.
@@ -150,7 +157,7 @@ def memory_attack_start(
         >>> memory_attack_start(memory, torch.tensor([0, 1]), x, eps=0.1) is None
         True
     """
-    start, found = memory.recall(indices, x)
+    start, found = memory.recall(indices, x, view=view)
     if not bool(found.any()):
         return None
     if bool(found.all()):
@@ -226,15 +233,55 @@ def epoch_loader(splits: DatasetSplits, config: TrainConfig, epoch: int) -> Data
     The order is reproducible and independent of the attacks' random numbers. A final batch of
     one sample is dropped: it cannot go through train-mode BatchNorm.
     """
+    return _shuffled(splits.train, config, epoch)
+
+
+def _shuffled(dataset: Dataset[Any], config: TrainConfig, epoch: int) -> DataLoader:
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    n = len(splits.train)
+    n = len(dataset)  # type: ignore[arg-type]
     return DataLoader(
-        splits.train,
+        dataset,
         batch_size=config.batch_size,
         shuffle=True,
         generator=generator,
         drop_last=n % config.batch_size == 1,
     )
+
+
+def epoch_order(splits: DatasetSplits, config: TrainConfig, epoch: int) -> torch.Tensor:
+    """The positions :func:`epoch_loader` visits in ``epoch``, in its order and without the
+    batch it drops, as int64: what a device-resident dataset follows, so that both give the
+    same batches. (The same loader over the positions themselves: its generator makes the same
+    draws.)
+
+    Example:
+        >>> from memloss_addon.experiments.datasets import load_digits
+        >>> splits, config = load_digits(), TrainConfig(method="trades", batch_size=100)
+        >>> order = epoch_order(splits, config, 3)
+        >>> batches = [idx for _, _, idx in epoch_loader(splits, config, 3)]
+        >>> torch.equal(order, torch.cat(batches))
+        True
+    """
+    positions = list(range(len(splits.train)))
+    return torch.cat([batch.long() for batch in _shuffled(positions, config, epoch)])  # type: ignore[arg-type]
+
+
+def augmentation_generator(
+    config: TrainConfig, epoch: int, device: torch.device | str
+) -> torch.Generator:
+    """The generator of ``epoch``'s crops and flips, on ``device``, seeded by ``(seed, epoch)``.
+
+    Apart from the data order's and the attacks' streams, so a resumed run draws the same
+    augmentation as an uninterrupted one without saving any generator state.
+    """
+    seed = 2 * (config.seed * 1_000_003 + epoch) + 1
+    return torch.Generator(device=device).manual_seed(seed % (1 << 63))
+
+
+def augments_flips(splits: DatasetSplits) -> bool:
+    """Whether the augmentation mirrors the images: not for SVHN, whose digits a mirror changes
+    (as :func:`~.datasets.load_dataset` does)."""
+    return splits.name != "svhn"
 
 
 def base_objective(method: MethodName) -> Callable[..., Any]:
