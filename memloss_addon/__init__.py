@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING
 
+from .lazy import lazy_attributes
 from .version import __version__
 
 # The names load on first use, so that ``import memloss_addon`` (and the ``memloss`` command's
@@ -53,14 +54,4 @@ if TYPE_CHECKING:
     from .store.files import atomic_write
     from .store.journal import MemoryAheadWarning
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(sys.modules[__name__], _EXPORTS, __all__)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from memloss_addon.experiments.checkpoints import model_from_checkpoint
@@ -112,23 +113,15 @@ def evaluate_checkpoint(
         ImportError: For AutoAttack when torchattacks is not installed.
     """
     model = model_from_checkpoint(state, device=device, weights=weights)
-    eps = float(state["config"]["eps"]) if eps is None else eps
-    test = first_samples(test_set, eval_samples)
-    accuracy = evaluate(
+    return _evaluate_network(
         model,
-        DataLoader(test, batch_size=512),
-        eps=eps,
+        test_set,
+        eps=float(state["config"]["eps"]) if eps is None else eps,
         attacks=attacks,
         pgd_steps=pgd_steps,
-        autoattack=autoattack_config(autoattack),
-        progress=progress,
-    )
-    return CheckpointEvaluation(
-        eps=eps,
-        num_eval=sample_count(test),
-        pgd_steps=pgd_steps,
         autoattack=autoattack,
-        accuracy=accuracy,
+        eval_samples=eval_samples,
+        progress=progress,
         weights=weights,
         epoch=int(state["best"]["epoch"]) if weights == "best" else int(state["epoch"]),
     )
@@ -210,7 +203,32 @@ def evaluate_reference_checkpoint(
     )
     load_reference_checkpoint(network, path, source=source)
     network = network.to(torch.device(device)).eval()
-    eps = default_eps if eps is None else eps
+    return _evaluate_network(
+        network,
+        test_set,
+        eps=default_eps if eps is None else eps,
+        attacks=attacks,
+        pgd_steps=pgd_steps,
+        autoattack=autoattack,
+        eval_samples=eval_samples,
+        progress=progress,
+    )
+
+
+def _evaluate_network(
+    network: nn.Module,
+    test_set: Dataset[Any],
+    *,
+    eps: float,
+    attacks: Sequence[AttackName],
+    pgd_steps: int,
+    autoattack: AutoAttackPreset,
+    eval_samples: int | None,
+    progress: bool,
+    weights: ModelState = "last",
+    epoch: int | None = None,
+) -> CheckpointEvaluation:
+    """Scores ``network`` on the first ``eval_samples`` of ``test_set``."""
     test = first_samples(test_set, eval_samples)
     accuracy = evaluate(
         network,
@@ -227,4 +245,6 @@ def evaluate_reference_checkpoint(
         pgd_steps=pgd_steps,
         autoattack=autoattack,
         accuracy=accuracy,
+        weights=weights,
+        epoch=epoch,
     )

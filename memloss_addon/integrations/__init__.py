@@ -7,8 +7,10 @@ a patch with ``memloss patch <name> PATH`` (see :mod:`memloss_addon.experiments.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .hook import HookSettings, TrainingHook, keep_cuda_calls_on_cpu
@@ -34,14 +36,4 @@ __all__ = [
     "keep_cuda_calls_on_cpu",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(sys.modules[__name__], _EXPORTS, __all__)
