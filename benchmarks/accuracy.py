@@ -1,7 +1,7 @@
 """Accuracy study on scikit-learn's handwritten digits: each base method with and without MemLoss.
 
 Usage:
-    python benchmarks/accuracy.py [--smoke] [--jobs N] [--seeds N] [--out DIR]
+    python benchmarks/accuracy.py [--smoke] [--jobs N] [--seeds N] [--out DIR] [--resume]
 
 Every run trains the default digits model (``memloss_addon.experiments.models``, an MLP with
 BatchNorm) with ``memloss_addon.experiments.training.TrainingRun`` and evaluates it with
@@ -25,33 +25,29 @@ deviation and Welch's t-test p-value, and says whether the difference exceeds th
 (the tables) and ``accuracy_tradeoff.png`` (clean against AutoAttack accuracy, one point per run).
 ``--smoke`` trains TRADES with and without MemLoss for two short epochs on one seed and runs a
 shortened AutoAttack on 16 digits (for tests; its numbers mean nothing).
+
+Every finished training and AutoAttack run is appended to ``accuracy_runs.jsonl`` as it finishes
+(``_study.ResultLog``); ``--resume`` keeps the runs already there instead of starting the log
+afresh (trained runs whose weights are gone, e.g. in the default temporary ``--models`` folder,
+are trained again).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import (
-    FIRST_COMPLETED,
-    Executor,
-    Future,
-    ProcessPoolExecutor,
-    wait,
-)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import RESULTS_DIR, print_metadata, run_metadata, write_json
+from _study import ResultLog, cell, make_executor, pooled_std, run_tasks, welch_p
 from torch.utils.data import DataLoader, Subset
 
 METHODS = ("pgd_at", "trades", "mart", "hat", "squeeze", "single_step")
@@ -126,7 +122,8 @@ def train_task(study: Study, spec: RunSpec, models_dir: str) -> dict[str, Any]:
     """Trains one model, measures clean and PGD-20 accuracy and saves the weights (a worker)."""
     from memloss_addon.experiments.datasets import load_digits
     from memloss_addon.experiments.evaluate import evaluate
-    from memloss_addon.experiments.training import TrainConfig, TrainingRun
+    from memloss_addon.experiments.train_config import TrainConfig
+    from memloss_addon.experiments.training import TrainingRun
 
     torch.set_num_threads(1)
     splits = load_digits()
@@ -196,67 +193,37 @@ def autoattack_task(study: Study, spec: RunSpec, model_path: str) -> dict[str, A
     return {"autoattack": accuracy["autoattack"], "aa_seconds": time.perf_counter() - start}
 
 
-class InlineExecutor(Executor):
-    """Runs each task at once in this process (``--jobs 1``)."""
-
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as error:  # handed to the caller through the future
-            future.set_exception(error)
-        return future
-
-
-def run_tasks(
-    executor: Executor,
-    tasks: list[tuple[Any, ...]],
-    *,
-    jobs: int,
-    deadline: float,
-    on_done: Callable[[tuple[Any, ...], Any], None],
-) -> int:
-    """Runs ``(fn, *args)`` tasks, at most ``jobs`` at a time, starting none after ``deadline``.
-
-    Returns how many tasks were not started.
-    """
-    queue = list(tasks)
-    running: dict[Future, tuple[Any, ...]] = {}
-    while queue or running:
-        while queue and len(running) < jobs and time.perf_counter() < deadline:
-            task = queue.pop(0)
-            running[executor.submit(*task)] = task
-        if not running:
-            break
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
-        for future in done:
-            on_done(running.pop(future), future.result())
-    return len(queue)
-
-
 def run_all(
     study: Study,
     specs: list[RunSpec],
     *,
     jobs: int,
-    log: Path | None,
+    log: ResultLog,
     models_dir: Path,
     budget_seconds: float,
 ) -> tuple[list[dict], int]:
     """Trains every run, then runs AutoAttack on those that ask for it, seed by seed, until the
     time budget is spent. Returns the results and how many AutoAttack runs were not started.
+
+    Runs already in ``log`` (``--resume``) are not repeated: a finished AutoAttack entry is taken
+    as it is, and a finished training entry whose weights are still on disk only needs its
+    AutoAttack.
     """
     results: dict[int, dict] = {}
     started = time.perf_counter()
-
-    def append(entry: dict) -> None:
-        if log is not None:
-            with log.open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+    keys = [slug(spec) for spec in specs]
+    trained_before, attacked_before = log.done("train"), log.done("autoattack")
+    for i, key in enumerate(keys):
+        entry = attacked_before.get(key) or trained_before.get(key)
+        if entry is not None and (key in attacked_before or Path(entry["model_path"]).exists()):
+            results[i] = {k: v for k, v in entry.items() if k not in ("phase", "key")}
+    if results:
+        print(f"resuming: {len(results)} trained run(s) taken from {log.path}", flush=True)
 
     def trained(task: tuple[Any, ...], result: dict) -> None:
-        results[specs.index(task[2])] = result
-        append({"phase": "train", **result})
+        i = specs.index(task[2])
+        results[i] = result
+        log.append({"phase": "train", "key": keys[i], **result})
         acc = result["accuracy"]
         print(
             f"[train {len(results):3d}/{len(specs)} {time.perf_counter() - started:6.0f}s] "
@@ -270,10 +237,11 @@ def run_all(
     def robust(task: tuple[Any, ...], outcome: dict) -> None:
         nonlocal attacked
         attacked += 1
-        result = results[specs.index(task[2])]
+        i = specs.index(task[2])
+        result = results[i]
         result["accuracy"]["autoattack"] = outcome["autoattack"]
         result["aa_seconds"] = outcome["aa_seconds"]
-        append({"phase": "autoattack", **result})
+        log.append({"phase": "autoattack", "key": keys[i], **result})
         print(
             f"[AA {attacked:3d} {time.perf_counter() - started:6.0f}s] {result['variant']:34s} "
             f"seed {result['seed']}: AutoAttack {outcome['autoattack']:.3f} "
@@ -281,16 +249,21 @@ def run_all(
             flush=True,
         )
 
-    if jobs == 1:
-        executor: Executor = InlineExecutor()
-    else:
-        executor = ProcessPoolExecutor(
-            max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
+    with make_executor(jobs) as executor:
+        train_tasks = [
+            (train_task, study, spec, str(models_dir))
+            for i, spec in enumerate(specs)
+            if i not in results
+        ]
+        run_tasks(executor, train_tasks, jobs=jobs, on_done=trained)
+        order = sorted(
+            (
+                s
+                for i, s in enumerate(specs)
+                if s.autoattack and results[i]["accuracy"]["autoattack"] is None
+            ),
+            key=lambda s: s.seed,
         )
-    with executor:
-        train_tasks = [(train_task, study, spec, str(models_dir)) for spec in specs]
-        run_tasks(executor, train_tasks, jobs=jobs, deadline=math.inf, on_done=trained)
-        order = sorted((s for s in specs if s.autoattack), key=lambda s: s.seed)
         aa_tasks = [
             (autoattack_task, study, spec, results[specs.index(spec)]["model_path"])
             for spec in order
@@ -299,30 +272,6 @@ def run_all(
             executor, aa_tasks, jobs=jobs, deadline=started + budget_seconds, on_done=robust
         )
     return [results[i] for i in sorted(results)], skipped
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def cell(values: list[float], seeds: int) -> str:
-    """``mean ± std`` in %, with the number of runs when fewer than ``seeds``; ``n/a`` if none."""
-    if not values:
-        return "n/a"
-    mean, std = mean_std(values)
-    count = f" (n={len(values)})" if len(values) < seeds else ""
-    return f"{100 * mean:.2f} ± {100 * std:.2f}{count}"
-
-
-def welch_p(a: list[float], b: list[float]) -> float:
-    """Two-sided Welch t-test p-value (NaN when scipy is missing or the samples are constant)."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return float("nan")
-    if len(a) < 2 or len(b) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
-        return float("nan")
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def by_variant(results: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
@@ -380,7 +329,7 @@ def format_tables(results: list[dict], study: Study) -> str:
             a = [table[reference][attack][s] for s in seeds]
             b = [table[variant][attack][s] for s in seeds]
             diff = 100 * (statistics.fmean(b) - statistics.fmean(a))
-            pooled = 100 * math.sqrt((mean_std(a)[1] ** 2 + mean_std(b)[1] ** 2) / 2)
+            pooled = 100 * pooled_std(a, b)
             exceeds = ("yes" if abs(diff) > pooled else "no") if len(seeds) > 1 else "n/a"
             p = welch_p(a, b)
             lines.append(
@@ -459,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         help="start no AutoAttack evaluation after this many minutes (training always finishes)",
     )
     parser.add_argument("--models", default=None, help="folder for the trained weights (temp)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in accuracy_runs.jsonl (with --models: their weights)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: results/)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -484,11 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'fast (smoke only)' if study.aa_fast else 'at reference counts'} on "
         f"{study.aa_samples} test digits"
     )
-    log = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        log = out / "accuracy_runs.jsonl"
-        log.write_text("")
+    log = ResultLog(out / "accuracy_runs.jsonl" if out else None, resume=args.resume)
     start = time.perf_counter()
     budget = math.inf if args.smoke else 60 * args.budget_minutes
     with tempfile.TemporaryDirectory() as scratch:
