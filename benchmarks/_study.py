@@ -87,6 +87,12 @@ class ResultLog:
             if "key" in e and (phase is None or e.get("phase") == phase)
         }
 
+    def split(self, keyed: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+        """The logged results of the keyed specs, and the specs still to run, in order."""
+        done = self.done()
+        results = {key: done[key] for key in keyed if key in done}
+        return results, [spec for key, spec in keyed.items() if key not in done]
+
     def append(self, entry: dict[str, Any]) -> None:
         """Write one entry and push it to disk before returning."""
         if self.path is None:

@@ -536,10 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     print_metadata(meta)
     specs = plan(study)
     log = ResultLog(out / "efficiency_runs.jsonl" if out else None, resume=not args.fresh)
-    done = log.done()
     keys = {run_key(spec, study): spec for spec in specs}
-    results = {k: done[k] for k in keys if k in done}
-    todo = [spec for k, spec in keys.items() if k not in done]
+    results, todo = log.split(keys)
     meta["runs_taken_from_log"] = len(results)  # the rest were run by this invocation
     print(
         f"{len(specs)} runs ({len(arms(study))} arms x {len(study.seeds)} seeds), "
