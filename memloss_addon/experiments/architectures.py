@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memloss_addon.checks import positive_int
+
 __all__ = [
     "ARCHITECTURE_NAMES",
     "CIFAR10_MEAN",
@@ -249,12 +251,6 @@ def _stage(
     return nn.Sequential(*layers)
 
 
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 images (TRADES 6e8e11b ``models/resnet.py``, ``ResNet18()``).
 
@@ -283,10 +279,10 @@ class ResNet18(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        _positive("num_classes", num_classes)
-        w = _positive("base_width", base_width)
+        positive_int("num_classes", num_classes)
+        w = positive_int("base_width", base_width)
         self.normalize = InputNormalization(normalization)
-        self.stem_conv = _conv3x3(_positive("in_channels", in_channels), w)
+        self.stem_conv = _conv3x3(positive_int("in_channels", in_channels), w)
         self.stem_bn = nn.BatchNorm2d(w)
         widths = (w, 2 * w, 4 * w, 8 * w)
         self.stages = nn.Sequential(
@@ -330,10 +326,10 @@ class PreActResNet18(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        _positive("num_classes", num_classes)
-        w = _positive("base_width", base_width)
+        positive_int("num_classes", num_classes)
+        w = positive_int("base_width", base_width)
         self.normalize = InputNormalization(normalization)
-        self.stem_conv = _conv3x3(_positive("in_channels", in_channels), w)
+        self.stem_conv = _conv3x3(positive_int("in_channels", in_channels), w)
         widths = (w, 2 * w, 4 * w, 8 * w)
         self.stages = nn.Sequential(
             *(
@@ -386,13 +382,13 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        _positive("num_classes", num_classes)
-        k = _positive("widen_factor", widen_factor)
+        positive_int("num_classes", num_classes)
+        k = positive_int("widen_factor", widen_factor)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
             raise ValueError(f"depth must be 6n + 4 with n >= 1, got {depth!r}")
         blocks = (depth - 4) // 6
         self.normalize = InputNormalization(normalization)
-        self.stem_conv = _conv3x3(_positive("in_channels", in_channels), 16)
+        self.stem_conv = _conv3x3(positive_int("in_channels", in_channels), 16)
         widths = (16, 16 * k, 32 * k, 64 * k)
         self.stages = nn.Sequential(
             *(
